@@ -1,0 +1,210 @@
+//! Ingest throughput: interaction events with 384-dim embeddings through decode + Redis + LanceDB,
+//! against the raw rdkafka consume rate measured in the same run (the ceiling).
+//!
+//! `cargo bench --profile dev --bench ingest -- [EVENTS] [USERS]` (defaults 100000, 1000). Needs
+//! Redis on 127.0.0.1:6379 (or `RAGAR_BENCH_REDIS_URL`). Prints figures; asserts nothing.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+
+use ragar::broker::MockBroker;
+use ragar::config::Config;
+use ragar::model::testutil::TintGenerator;
+use ragar::model::CosineRanker;
+use ragar::worker::Models;
+
+const DIM: usize = 384;
+const PARTITIONS: i32 = 128;
+const TOPIC: &str = "ragar.events";
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let events: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(100_000);
+    let users: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(1_000);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(run(events, users));
+}
+
+async fn run(n: usize, users: usize) {
+    let topics: Vec<(String, i32)> = ["ragar.items", TOPIC, "ragar.images", "ragar.events.dlq"]
+        .iter()
+        .map(|t| (t.to_string(), if *t == TOPIC { PARTITIONS } else { 2 }))
+        .collect();
+    let broker = MockBroker::start(&topics).unwrap();
+    let bootstrap = broker.bootstrap_servers().to_string();
+
+    // Payloads: 384 floats with 3 decimals, as a producer that rounds its embeddings would send.
+    let mut rng = ChaCha8Rng::seed_from_u64(42);
+    let payloads: Vec<(String, Vec<u8>)> = (0..n)
+        .map(|i| {
+            let user = format!("user{}", i % users);
+            let emb: Vec<String> = (0..DIM).map(|_| format!("{:.3}", rng.random_range(-1.0f32..1.0))).collect();
+            let p = format!(
+                r#"{{"schema":"ragar.event.v1","type":"interaction","event_id":"ev{i}","user_id":"{user}","item_id":"it{}","action":"click","ts":{},"embedding":[{}]}}"#,
+                i % 5000,
+                1_700_000_000_000i64 + i as i64,
+                emb.join(",")
+            );
+            (user, p.into_bytes())
+        })
+        .collect();
+    let bytes: usize = payloads.iter().map(|(_, p)| p.len()).sum();
+    println!(
+        "events: {n}, users: {users}, mean payload {} bytes, {PARTITIONS} partitions",
+        bytes / n
+    );
+
+    // Decode alone, single thread.
+    let limits = ragar::event::Limits::for_dim(DIM);
+    let t = Instant::now();
+    for (_, p) in &payloads {
+        ragar::event::decode(p, 0, &limits).unwrap();
+    }
+    let decode_s = t.elapsed().as_secs_f64();
+    println!(
+        "decode only (1 thread): {:.0} events/s",
+        n as f64 / decode_s
+    );
+
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "1000000")
+        .set("queue.buffering.max.kbytes", "2000000")
+        .create()
+        .unwrap();
+    let t = Instant::now();
+    let sends: Vec<_> = payloads
+        .iter()
+        .map(|(k, p)| {
+            producer
+                .send_result(
+                    FutureRecord::to(TOPIC)
+                        .key(k.as_str())
+                        .payload(p.as_slice()),
+                )
+                .unwrap()
+        })
+        .collect();
+    for s in sends {
+        s.await.unwrap().unwrap();
+    }
+    println!(
+        "produce: {:.0} events/s",
+        n as f64 / t.elapsed().as_secs_f64()
+    );
+
+    // The ceiling: a plain consumer reading (and copying) every message.
+    let raw: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("group.id", "bench-raw")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    raw.subscribe(&[TOPIC]).unwrap();
+    let first = raw.recv().await.unwrap().payload().map(<[u8]>::to_vec);
+    let t = Instant::now();
+    let mut got = 1usize;
+    let mut sink = first.map_or(0, |p| p.len());
+    while got < n {
+        let m = raw.recv().await.unwrap();
+        sink += rdkafka::Message::payload(&m)
+            .map(<[u8]>::to_vec)
+            .map_or(0, |p| p.len());
+        got += 1;
+    }
+    let raw_rate = (n - 1) as f64 / t.elapsed().as_secs_f64();
+    println!(
+        "raw rdkafka consume: {raw_rate:.0} events/s ({} MB copied)",
+        sink / 1_000_000
+    );
+    drop(raw);
+
+    // The worker: decode + Redis windows + LanceDB, every event acknowledged only once durable.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config::default();
+    cfg.kafka.brokers = bootstrap.clone();
+    cfg.kafka.group_id = "bench-worker".into();
+    cfg.kafka.input_topics = vec![TOPIC.into()];
+    cfg.kafka.session_timeout = Duration::from_secs(6);
+    cfg.redis.url =
+        std::env::var("RAGAR_BENCH_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
+    cfg.redis.key_prefix = format!("ragar-bench-{}", std::process::id());
+    cfg.lance.uri = dir.path().join("lancedb").to_string_lossy().into_owned();
+    cfg.lance.compact_interval = Duration::ZERO;
+    cfg.telemetry.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.models.dim = DIM;
+
+    // Every user has a complete hot window, so each event really lands in Redis.
+    let hot = ragar::history::hot::Hot::new(&cfg.redis).unwrap();
+    for u in 0..users {
+        hot.fill_window(&format!("user{u}"), &[]).await.unwrap();
+    }
+
+    let models = Models {
+        encoder: None,
+        generator: Arc::new(TintGenerator),
+        ranker: Arc::new(CosineRanker {
+            personalization_weight: 0.5,
+            encoder: None,
+        }),
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let worker_cfg = cfg.clone();
+    let worker = tokio::spawn(async move {
+        ragar::worker::run(
+            worker_cfg,
+            models,
+            async move {
+                let _ = stop_rx.await;
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    });
+    let handle = ragar::telemetry::metrics_handle();
+    let done = || {
+        let page = handle.render();
+        page.lines()
+            .filter(|l| l.starts_with("ragar_events_total{") && l.contains("type=\"interaction\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as usize
+    };
+    // Time from the first event processed to the last one durable.
+    while done() == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let t = Instant::now();
+    let start_count = done();
+    while done() < n {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let worker_rate = (n - start_count) as f64 / t.elapsed().as_secs_f64();
+    let _ = stop_tx.send(());
+    worker.await.unwrap();
+    let store = ragar::history::lance::LanceStore::open(&cfg.lance.uri, DIM)
+        .await
+        .unwrap();
+    let rows = store.count_interactions(None).await.unwrap();
+    let window = hot.window("user0").await.unwrap().map_or(0, |w| w.len());
+    println!("worker (decode + Redis + LanceDB, acked when durable): {worker_rate:.0} events/s");
+    println!("ratio raw consume / worker: {:.2}", raw_rate / worker_rate);
+    println!("LanceDB rows: {rows} (expected {n}); user0 window: {window} entries");
+    assert_eq!(rows, n, "every event stored once");
+}

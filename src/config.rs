@@ -1,0 +1,723 @@
+//! Configuration: built-in defaults, then a TOML file, then `RAGAR_*` environment variables.
+//!
+//! Every section rejects unknown keys, durations are typed (`"250ms"`, `"1m"`), and cross-field
+//! checks run at load time. Every error names the key it is about (`kafka.brokers: ...`), so a bad
+//! config stops start-up with a message that says what to fix.
+//!
+//! Environment variables address nested keys with a double underscore:
+//! `RAGAR_KAFKA__BROKERS=host:9092` sets `kafka.brokers`, `RAGAR_PREFERENCE__K=8` sets
+//! `preference.k`. A value is a string when the key's default is one (and for every
+//! `kafka.options` property, where `_` in the name stands for `.`); otherwise it is read as a TOML
+//! literal (numbers, booleans, arrays, durations in quotes). Other `RAGAR_*` variables are ignored.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::preference::WeightingMode;
+
+/// Prefix of the environment variables that override the file.
+pub const ENV_PREFIX: &str = "RAGAR_";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    /// A value that does not fit its key; `key` is the dotted path.
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    pub redis: RedisConfig,
+    pub lance: LanceConfig,
+    pub preference: PreferenceConfig,
+    pub generate: GenerateConfig,
+    pub models: ModelsConfig,
+    pub limits: LimitsConfig,
+    pub telemetry: TelemetryConfig,
+    pub shutdown: ShutdownConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    pub group_id: String,
+    /// Topics the worker consumes; every event type is accepted on every one of them.
+    pub input_topics: Vec<String>,
+    pub output_topic: String,
+    pub dlq_topic: String,
+    #[serde(with = "humantime_serde")]
+    pub session_timeout: Duration,
+    /// How often stored offsets are committed.
+    #[serde(with = "humantime_serde")]
+    pub commit_interval: Duration,
+    /// Messages consumed but not yet completed; above this the consumer pauses its partitions.
+    pub max_in_flight: usize,
+    /// How long a revoked partition's in-flight work may take to finish before its offsets are committed.
+    #[serde(with = "humantime_serde")]
+    pub rebalance_drain: Duration,
+    /// Extra librdkafka properties for every client (security.protocol, sasl.*, ssl.*, ...).
+    pub options: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "localhost:9092".into(),
+            group_id: "ragar".into(),
+            input_topics: vec!["ragar.items".into(), "ragar.events".into()],
+            output_topic: "ragar.images".into(),
+            dlq_topic: "ragar.events.dlq".into(),
+            session_timeout: Duration::from_secs(10),
+            commit_interval: Duration::from_secs(1),
+            max_in_flight: 20_000,
+            rebalance_drain: Duration::from_secs(10),
+            options: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    pub url: String,
+    /// Prefix of every key the worker writes, so several deployments can share one Redis.
+    pub key_prefix: String,
+    /// How many of a user's newest interactions the hot window keeps.
+    pub window: usize,
+    #[serde(with = "humantime_serde")]
+    pub window_ttl: Duration,
+    /// How long a published request id is remembered, to skip republishing on replay.
+    #[serde(with = "humantime_serde")]
+    pub output_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub item_ttl: Duration,
+    /// Per-command deadline; a slower Redis counts as down.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// After a failure, how long to serve from LanceDB before trying Redis again.
+    #[serde(with = "humantime_serde")]
+    pub retry_interval: Duration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379/".into(),
+            key_prefix: "ragar".into(),
+            window: 200,
+            window_ttl: Duration::from_secs(7 * 24 * 3600),
+            output_ttl: Duration::from_secs(24 * 3600),
+            item_ttl: Duration::from_secs(24 * 3600),
+            timeout: Duration::from_millis(500),
+            retry_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LanceConfig {
+    /// A local directory or any LanceDB URI.
+    pub uri: String,
+    /// Largest micro-batch appended in one write.
+    pub batch_max_rows: usize,
+    /// How long the writer waits to fill a micro-batch once it has one event.
+    #[serde(with = "humantime_serde")]
+    pub batch_linger: Duration,
+    /// Background compaction period; `0s` disables it.
+    #[serde(with = "humantime_serde")]
+    pub compact_interval: Duration,
+    /// How stale a read may be with respect to other workers' writes (`0s`: never stale).
+    #[serde(with = "humantime_serde")]
+    pub read_consistency: Duration,
+}
+
+impl Default for LanceConfig {
+    fn default() -> Self {
+        LanceConfig {
+            uri: "data/lancedb".into(),
+            batch_max_rows: 2000,
+            batch_linger: Duration::from_millis(20),
+            compact_interval: Duration::from_secs(60),
+            read_consistency: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PreferenceConfig {
+    pub mode: WeightingMode,
+    /// How many of the most similar history items take part.
+    pub k: usize,
+    /// Softmax temperature over cosine similarities.
+    pub tau: f32,
+    /// Halves an item's weight every this long; `0s` turns recency weighting off.
+    #[serde(with = "humantime_serde")]
+    pub recency_half_life: Duration,
+    /// Multiplier per action; 0 leaves the action out of the preference.
+    pub action_weights: ActionWeights,
+    /// When the hot window is full, also search LanceDB for the user's most similar older items.
+    pub deep_search: bool,
+}
+
+impl Default for PreferenceConfig {
+    fn default() -> Self {
+        PreferenceConfig {
+            mode: WeightingMode::Retrieval,
+            k: 16,
+            tau: 0.1,
+            recency_half_life: Duration::ZERO,
+            action_weights: ActionWeights::default(),
+            deep_search: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ActionWeights {
+    pub view: f32,
+    pub click: f32,
+    pub like: f32,
+    pub purchase: f32,
+    pub dislike: f32,
+}
+
+impl Default for ActionWeights {
+    fn default() -> Self {
+        ActionWeights {
+            view: 1.0,
+            click: 1.0,
+            like: 1.0,
+            purchase: 1.0,
+            dislike: 0.0,
+        }
+    }
+}
+
+impl ActionWeights {
+    /// The weights in the order of [`crate::event::Action::ALL`].
+    pub fn as_array(&self) -> [f32; 5] {
+        [
+            self.view,
+            self.click,
+            self.like,
+            self.purchase,
+            self.dislike,
+        ]
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GenerateConfig {
+    /// Candidates per display when the event does not say.
+    pub candidates: u32,
+    /// Display requests generated together at most.
+    pub batch_max: usize,
+    /// How long the first request of a batch waits for others.
+    #[serde(with = "humantime_serde")]
+    pub batch_delay: Duration,
+    /// Mixed into the seed of displays that carry none, so a deployment can vary its outputs.
+    pub seed: u64,
+    /// Display jobs waiting for the generator at most; beyond it the history stage waits.
+    pub queue: usize,
+}
+
+impl Default for GenerateConfig {
+    fn default() -> Self {
+        GenerateConfig {
+            candidates: 4,
+            batch_max: 4,
+            batch_delay: Duration::from_millis(10),
+            seed: 0,
+            queue: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelsConfig {
+    /// Embedding dimension of items, interactions and preferences.
+    pub dim: usize,
+    /// `none`: items must carry an embedding.
+    pub encoder: String,
+    /// `passthrough`: publish the reference itself (the no-personalization baseline).
+    pub generator: String,
+    /// `cosine`: personalization and fidelity as embedding cosines (the feature-consistency baseline).
+    pub ranker: String,
+    /// Share of personalization in the ranker's total score; the rest is fidelity.
+    pub personalization_weight: f32,
+}
+
+impl Default for ModelsConfig {
+    fn default() -> Self {
+        ModelsConfig {
+            dim: 384,
+            encoder: "none".into(),
+            generator: "passthrough".into(),
+            ranker: "cosine".into(),
+            personalization_weight: 0.5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub max_payload_bytes: usize,
+    pub max_image_pixels: u64,
+    /// Directories `image.uri` may read from; empty refuses every URI.
+    pub image_roots: Vec<PathBuf>,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_payload_bytes: 4 << 20,
+            max_image_pixels: 4096 * 4096,
+            image_roots: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Address of the `/metrics`, `/healthz` and `/readyz` listener.
+    pub listen: SocketAddr,
+    pub log_format: LogFormat,
+    /// A `tracing` filter, e.g. `info,ragar=debug`; `RUST_LOG` wins when set.
+    pub log_filter: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            listen: "127.0.0.1:9464".parse().expect("valid address"),
+            log_format: LogFormat::Text,
+            log_filter: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// On SIGTERM/SIGINT, how long in-flight work may take to finish before the final commit.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            grace: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, then `file` (when given), then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Config::load_from(file, std::env::vars())
+    }
+
+    /// Like [`Config::load`] with an explicit environment, for tests.
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut tree = toml::Value::try_from(Config::default()).expect("defaults serialize");
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.into(),
+                source,
+            })?;
+            let value: toml::Table =
+                toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                    path: path.into(),
+                    source,
+                })?;
+            merge(&mut tree, toml::Value::Table(value));
+        }
+        // Only `RAGAR_SECTION__KEY` names configuration: other `RAGAR_*` variables (a Kubernetes
+        // service named ragar injects `RAGAR_SERVICE_HOST`) are not ours to reject.
+        let mut env: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.contains("__"))
+            .collect();
+        env.sort();
+        for (var, value) in env {
+            apply_env(&mut tree, &var, &value)?;
+        }
+        let config: Config = serde_path_to_error::deserialize(tree).map_err(|e| {
+            let key = e.path().to_string();
+            ConfigError::Invalid {
+                key,
+                message: e.into_inner().to_string(),
+            }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Cross-field and range checks.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let k = &self.kafka;
+        if k.brokers.trim().is_empty() {
+            return Err(invalid("kafka.brokers", "must name at least one broker"));
+        }
+        if k.group_id.trim().is_empty() {
+            return Err(invalid("kafka.group_id", "must not be empty"));
+        }
+        if k.input_topics.is_empty() {
+            return Err(invalid(
+                "kafka.input_topics",
+                "must name at least one topic",
+            ));
+        }
+        for (key, topic) in [
+            ("kafka.output_topic", &k.output_topic),
+            ("kafka.dlq_topic", &k.dlq_topic),
+        ] {
+            if topic.is_empty() {
+                return Err(invalid(key, "must not be empty"));
+            }
+            if k.input_topics.contains(topic) {
+                return Err(invalid(key, format!("`{topic}` is also in kafka.input_topics: the worker would read its own output")));
+            }
+        }
+        if k.max_in_flight == 0 {
+            return Err(invalid("kafka.max_in_flight", "must be at least 1"));
+        }
+        if k.session_timeout < Duration::from_millis(1000) {
+            return Err(invalid("kafka.session_timeout", "must be at least 1s"));
+        }
+        if k.commit_interval.is_zero() {
+            return Err(invalid("kafka.commit_interval", "must be greater than 0"));
+        }
+        const OWNED: [&str; 6] = [
+            "bootstrap.servers",
+            "group.id",
+            "enable.auto.offset.store",
+            "enable.auto.commit",
+            "auto.commit.interval.ms",
+            "session.timeout.ms",
+        ];
+        for key in k.options.keys() {
+            if OWNED.contains(&key.as_str()) {
+                return Err(invalid(
+                    &format!("kafka.options.{key}"),
+                    "is set by the worker; use the kafka.* key instead",
+                ));
+            }
+        }
+        let r = &self.redis;
+        if r.url.starts_with("rediss://") {
+            return Err(invalid(
+                "redis.url",
+                "rediss:// (TLS) is not supported by this build; use redis://",
+            ));
+        }
+        if !(r.url.starts_with("redis://") || r.url.starts_with("redis+unix://")) {
+            return Err(invalid(
+                "redis.url",
+                "must start with redis:// or redis+unix://",
+            ));
+        }
+        if r.window == 0 {
+            return Err(invalid("redis.window", "must be at least 1"));
+        }
+        if r.key_prefix.is_empty() || r.key_prefix.contains(char::is_whitespace) {
+            return Err(invalid(
+                "redis.key_prefix",
+                "must be non-empty and without spaces",
+            ));
+        }
+        if r.timeout.is_zero() {
+            return Err(invalid("redis.timeout", "must be greater than 0"));
+        }
+        if self.lance.uri.is_empty() {
+            return Err(invalid("lance.uri", "must not be empty"));
+        }
+        if self.lance.batch_max_rows == 0 {
+            return Err(invalid("lance.batch_max_rows", "must be at least 1"));
+        }
+        let p = &self.preference;
+        if p.k == 0 {
+            return Err(invalid("preference.k", "must be at least 1"));
+        }
+        if !(p.tau.is_finite() && p.tau > 0.0) {
+            return Err(invalid(
+                "preference.tau",
+                "must be a finite number greater than 0",
+            ));
+        }
+        for (name, w) in ["view", "click", "like", "purchase", "dislike"]
+            .iter()
+            .zip(p.action_weights.as_array())
+        {
+            if !(w.is_finite() && w >= 0.0) {
+                return Err(invalid(
+                    &format!("preference.action_weights.{name}"),
+                    "must be a finite number >= 0",
+                ));
+            }
+        }
+        if p.action_weights.as_array().iter().all(|w| *w == 0.0) {
+            return Err(invalid(
+                "preference.action_weights",
+                "at least one action needs a weight above 0",
+            ));
+        }
+        let g = &self.generate;
+        if g.candidates == 0 || g.candidates > crate::event::MAX_CANDIDATES {
+            return Err(invalid(
+                "generate.candidates",
+                format!("must be in 1..={}", crate::event::MAX_CANDIDATES),
+            ));
+        }
+        if g.batch_max == 0 {
+            return Err(invalid("generate.batch_max", "must be at least 1"));
+        }
+        if g.queue == 0 {
+            return Err(invalid("generate.queue", "must be at least 1"));
+        }
+        let m = &self.models;
+        if m.dim == 0 || m.dim > 4096 {
+            return Err(invalid("models.dim", "must be in 1..=4096"));
+        }
+        if !(0.0..=1.0).contains(&m.personalization_weight) {
+            return Err(invalid("models.personalization_weight", "must be in 0..=1"));
+        }
+        let l = &self.limits;
+        if l.max_payload_bytes < 1024 {
+            return Err(invalid("limits.max_payload_bytes", "must be at least 1024"));
+        }
+        if l.max_image_pixels == 0 {
+            return Err(invalid("limits.max_image_pixels", "must be at least 1"));
+        }
+        for (i, root) in l.image_roots.iter().enumerate() {
+            if !root.is_dir() {
+                return Err(invalid(
+                    &format!("limits.image_roots[{i}]"),
+                    format!("{} is not a directory", root.display()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The decoding limits this configuration implies.
+    pub fn decode_limits(&self) -> crate::event::Limits {
+        crate::event::Limits {
+            dim: self.models.dim,
+            max_payload_bytes: self.limits.max_payload_bytes,
+            max_image_pixels: self.limits.max_image_pixels,
+            image_roots: self.limits.image_roots.clone(),
+        }
+    }
+}
+
+/// Deep-merges `over` into `base`: tables merge key by key, anything else replaces.
+fn merge(base: &mut toml::Value, over: toml::Value) {
+    match (base, over) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (key, value) in o {
+                match b.get_mut(&key) {
+                    Some(existing) => merge(existing, value),
+                    None => {
+                        b.insert(key, value);
+                    }
+                }
+            }
+        }
+        (slot, value) => *slot = value,
+    }
+}
+
+fn apply_env(tree: &mut toml::Value, var: &str, raw: &str) -> Result<(), ConfigError> {
+    let path: Vec<String> = var[ENV_PREFIX.len()..]
+        .split("__")
+        .map(|s| s.to_ascii_lowercase())
+        .collect();
+    if path.iter().any(|p| p.is_empty()) {
+        return Err(ConfigError::Env {
+            var: var.into(),
+            message: "empty key segment (use `__` between keys)".into(),
+        });
+    }
+    let mut node = tree;
+    for (i, seg) in path.iter().enumerate() {
+        let under_options = i > 0 && path[i - 1] == "options";
+        let table = node.as_table_mut().ok_or_else(|| ConfigError::Env {
+            var: var.into(),
+            message: format!("`{}` is not a section", path[..i].join(".")),
+        })?;
+        if i == path.len() - 1 {
+            // librdkafka property names have dots, which variable names cannot: `_` stands for `.`.
+            let key = if under_options {
+                seg.replace('_', ".")
+            } else {
+                seg.clone()
+            };
+            // A key whose default is a string (and every librdkafka property) stays a string, so
+            // `RAGAR_KAFKA__GROUP_ID=42` means the group "42".
+            let stays_string =
+                under_options || matches!(table.get(&key), Some(toml::Value::String(_)));
+            let value = if stays_string {
+                toml::Value::String(raw.into())
+            } else {
+                parse_env_value(raw)
+            };
+            table.insert(key, value);
+            return Ok(());
+        }
+        node = table
+            .entry(seg.clone())
+            .or_insert(toml::Value::Table(toml::Table::new()));
+    }
+    Ok(())
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    let wrapped = format!("v = {raw}");
+    match toml::from_str::<toml::Table>(&wrapped) {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.into())),
+        Err(_) => toml::Value::String(raw.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(toml_text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ragar.toml");
+        std::fs::write(&path, toml_text).unwrap();
+        Config::load_from(
+            Some(&path),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::load_from(None, Vec::new()).unwrap();
+        assert_eq!(c.models.dim, 384);
+        assert_eq!(c.preference.mode, WeightingMode::Retrieval);
+    }
+
+    #[test]
+    fn file_then_env() {
+        let c = load(
+            "[kafka]\nbrokers = \"a:1\"\n[preference]\nk = 4\ntau = 0.5\nrecency_half_life = \"1h\"\n",
+            &[
+                ("RAGAR_PREFERENCE__K", "8"),
+                ("RAGAR_KAFKA__OPTIONS__SECURITY_PROTOCOL", "SASL_SSL"),
+                ("RAGAR_KAFKA__OPTIONS__LINGER_MS", "5"),
+                ("RAGAR_KAFKA__GROUP_ID", "42"),
+                ("RAGAR_SERVICE_HOST", "10.0.0.1"),
+                ("OTHER", "x"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.kafka.brokers, "a:1");
+        assert_eq!(c.preference.k, 8);
+        assert_eq!(c.preference.tau, 0.5);
+        assert_eq!(c.preference.recency_half_life, Duration::from_secs(3600));
+        assert_eq!(
+            c.kafka.options.get("security.protocol").map(String::as_str),
+            Some("SASL_SSL")
+        );
+        assert_eq!(
+            c.kafka.options.get("linger.ms").map(String::as_str),
+            Some("5")
+        );
+        assert_eq!(c.kafka.group_id, "42");
+    }
+
+    fn err_key(toml_text: &str, env: &[(&str, &str)]) -> String {
+        match load(toml_text, env).unwrap_err() {
+            ConfigError::Invalid { key, .. } => key,
+            other => panic!("expected an invalid-key error, got {other}"),
+        }
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        assert_eq!(err_key("[kafka]\nbrokerz = \"x\"\n", &[]), "kafka.brokerz");
+        assert!(load("[kafka]\nbrokerz = \"x\"\n", &[])
+            .unwrap_err()
+            .to_string()
+            .contains("brokerz"));
+        assert_eq!(err_key("[preference]\ntau = 0\n", &[]), "preference.tau");
+        assert_eq!(err_key("[preference]\nk = \"many\"\n", &[]), "preference.k");
+        assert_eq!(err_key("", &[("RAGAR_REDIS__WINDOW", "0")]), "redis.window");
+        assert_eq!(
+            err_key("[lance]\nbatch_linger = \"soon\"\n", &[]),
+            "lance.batch_linger"
+        );
+        assert_eq!(
+            err_key("[kafka]\noutput_topic = \"ragar.events\"\n", &[]),
+            "kafka.output_topic"
+        );
+        assert_eq!(
+            err_key("[kafka.options]\n\"group.id\" = \"x\"\n", &[]),
+            "kafka.options.group.id"
+        );
+        assert_eq!(
+            err_key("[preference.action_weights]\nlike = -1\n", &[]),
+            "preference.action_weights.like"
+        );
+        assert_eq!(
+            err_key("[telemetry]\nlisten = \"nowhere\"\n", &[]),
+            "telemetry.listen"
+        );
+        assert_eq!(err_key("[models]\ndim = 0\n", &[]), "models.dim");
+        assert!(matches!(
+            load("not toml =", &[]).unwrap_err(),
+            ConfigError::Parse { .. }
+        ));
+    }
+}

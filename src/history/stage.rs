@@ -1,0 +1,547 @@
+//! The history stage: decodes consumed messages in partition order and applies them.
+//!
+//! Messages arrive in micro-batches (up to `lance.batch_max_rows`, waiting at most
+//! `lance.batch_linger`). For each batch: malformed messages go to the DLQ; items are upserted
+//! (LanceDB, then the Redis cache); interactions go to the users' Redis windows as they are met,
+//! so a display later in the batch sees them, and are written to LanceDB in one deduplicated
+//! append at the end of the batch; a display reads the user's history, weighs it against the
+//! reference (preference extraction) and is handed to the generation stage. Items and
+//! interactions are acknowledged only once LanceDB has them.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::error::KafkaError;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::lance::LanceError;
+use super::store::History;
+use super::{HistoryEntry, Item};
+use crate::event::{self, DecodeError, DisplayEvent, DlqKind, Event, ItemEvent, Limits};
+use crate::generate::DisplayJob;
+use crate::ingest::Consumed;
+use crate::model::{Image, ItemEncoder};
+use crate::offsets::Acks;
+use crate::preference::{self, Params};
+use crate::publish::{HistoryOut, LatencyOut, Publisher};
+use crate::telemetry::{names, now_ms};
+
+/// Everything the stage needs, built once by the worker.
+pub struct HistoryStage {
+    pub history: Arc<History>,
+    pub publisher: Publisher,
+    pub acks: Arc<Acks>,
+    pub encoder: Option<Arc<dyn ItemEncoder>>,
+    pub limits: Limits,
+    pub params: Params,
+    pub default_candidates: u32,
+    pub seed: u64,
+    pub batch_max: usize,
+    pub linger: Duration,
+    /// Display jobs for the generation stage; bounded, so a slow generator holds this stage back.
+    pub jobs: mpsc::Sender<DisplayJob>,
+    /// Cancelled when the worker gives up on draining: retries stop, nothing more is acknowledged.
+    pub abort: CancellationToken,
+    /// Dead-letter sends in flight; the worker waits for them before its final commit.
+    pub dlq_tasks: DlqTasks,
+}
+
+/// A decoded message with what it still needs to be acknowledged.
+struct Decoded {
+    msg: Consumed,
+    event: Event,
+}
+
+impl HistoryStage {
+    /// Processes batches from `rx` until it is closed and drained.
+    pub async fn run(self, mut rx: mpsc::Receiver<Consumed>) {
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            let deadline = tokio::time::Instant::now() + self.linger;
+            while batch.len() < self.batch_max {
+                match rx.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        match tokio::time::timeout_at(deadline, rx.recv()).await {
+                            Ok(Some(m)) => batch.push(m),
+                            Ok(None) | Err(_) => break,
+                        }
+                    }
+                }
+            }
+            if self.process(batch).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Sends `msg` to the DLQ and acknowledges it once the DLQ has it (in the background: the
+    /// watermark keeps later offsets from being committed before it).
+    fn dead_letter(&self, msg: Consumed, error: DecodeError, kind: &'static str) {
+        metrics::counter!(names::EVENTS, "type" => kind, "outcome" => "dlq").increment(1);
+        let publisher = self.publisher.clone();
+        let acks = self.acks.clone();
+        self.dlq_tasks.spawn(async move {
+            match publisher.dead_letter(&msg, &error).await {
+                Ok(()) => acks.complete(&msg.token),
+                // The worker is aborting: not acknowledged, so it is replayed.
+                Err(KafkaError::Canceled) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, offset = msg.token.offset, topic = %msg.token.tp.topic,
+                        "the DLQ refused this message itself; acknowledging it to keep the partition flowing");
+                    acks.complete(&msg.token);
+                }
+            }
+        });
+    }
+
+    /// Dead-letters every message of a group whose store write failed for good.
+    fn dead_letter_all(&self, msgs: Vec<Consumed>, error: &LanceError, kind: &'static str) {
+        tracing::error!(%error, messages = msgs.len(), "LanceDB refused a write for good; dead-lettering its messages");
+        for msg in msgs {
+            let e = DecodeError::new(
+                DlqKind::Processing,
+                format!("LanceDB refused the write: {error}"),
+            );
+            self.dead_letter(msg, e, kind);
+        }
+    }
+
+    async fn process(&self, batch: Vec<Consumed>) -> Result<(), Aborted> {
+        let started = Instant::now();
+        let mut decoded = Vec::with_capacity(batch.len());
+        for msg in batch {
+            let result = match &msg.payload {
+                Some(p) => event::decode(p, msg.timestamp_ms, &self.limits),
+                None => Err(DecodeError::new(
+                    DlqKind::InvalidJson,
+                    "message has no value",
+                )),
+            };
+            match result {
+                Ok(event) => decoded.push(Decoded { msg, event }),
+                Err(e) => self.dead_letter(msg, e, "unknown"),
+            }
+        }
+        metrics::histogram!(names::STAGE_SECONDS, "stage" => "decode")
+            .record(started.elapsed().as_secs_f64());
+
+        // Items first, so interactions and displays of this batch can refer to them.
+        let mut items: HashMap<String, Item> = HashMap::new();
+        let mut item_msgs = Vec::new();
+        let mut rest = Vec::with_capacity(decoded.len());
+        for d in decoded {
+            match d.event {
+                Event::Item(ev) => match self.item_record(ev).await {
+                    Ok(item) => {
+                        items.insert(item.item_id.clone(), item);
+                        item_msgs.push(d.msg);
+                    }
+                    Err(e) => self.dead_letter(d.msg, e, "item"),
+                },
+                _ => rest.push(d),
+            }
+        }
+        if !items.is_empty() {
+            let records: Vec<Item> = items.values().cloned().collect();
+            match self
+                .retry("write items", || self.history.write_items(&records))
+                .await
+            {
+                Ok(()) => {
+                    metrics::counter!(names::EVENTS, "type" => "item", "outcome" => "ok")
+                        .increment(item_msgs.len() as u64);
+                    self.complete_all(&item_msgs);
+                }
+                Err(Failure::Permanent(e)) => {
+                    items.clear();
+                    self.dead_letter_all(item_msgs, &e, "item");
+                }
+                Err(Failure::Aborted) => return Err(Aborted),
+            }
+        }
+
+        let write_started = Instant::now();
+        let mut entries: Vec<HistoryEntry> = Vec::new();
+        let mut entry_msgs: Vec<Consumed> = Vec::new();
+        // Entries not yet added to the Redis windows (added before each display and at the end).
+        let mut unflushed = 0usize;
+        for d in rest {
+            match d.event {
+                Event::Interaction(ev) => {
+                    let embedding = match ev.embedding {
+                        Some(e) => e,
+                        None => match self.lookup_item(&ev.item_id, &mut items).await {
+                            Ok(Some(item)) => item.embedding,
+                            Ok(None) => {
+                                let msg = format!(
+                                    "item `{}` is unknown and the interaction has no embedding",
+                                    ev.item_id
+                                );
+                                self.dead_letter(
+                                    d.msg,
+                                    DecodeError::new(DlqKind::UnknownItem, msg),
+                                    "interaction",
+                                );
+                                continue;
+                            }
+                            Err(Failure::Permanent(e)) => {
+                                self.dead_letter_all(vec![d.msg], &e, "interaction");
+                                continue;
+                            }
+                            Err(Failure::Aborted) => return Err(Aborted),
+                        },
+                    };
+                    entries.push(HistoryEntry {
+                        event_id: ev.event_id,
+                        user_id: ev.user_id,
+                        item_id: ev.item_id,
+                        action: ev.action,
+                        ts_ms: ev.ts_ms,
+                        embedding,
+                    });
+                    entry_msgs.push(d.msg);
+                    unflushed += 1;
+                }
+                Event::Display(ev) => {
+                    self.flush_windows(&entries[entries.len() - unflushed..])
+                        .await;
+                    unflushed = 0;
+                    match self.display(d.msg, ev, &entries, &mut items).await {
+                        Ok(()) => {}
+                        Err((msg, Failure::Permanent(e))) => {
+                            self.dead_letter_all(vec![msg], &e, "display")
+                        }
+                        Err((_, Failure::Aborted)) => return Err(Aborted),
+                    }
+                }
+                Event::Item(_) => unreachable!("items were taken out above"),
+            }
+        }
+        self.flush_windows(&entries[entries.len() - unflushed..])
+            .await;
+
+        if !entries.is_empty() {
+            match self
+                .retry("write interactions", || {
+                    self.history.persist_interactions(&entries)
+                })
+                .await
+            {
+                Ok(inserted) => {
+                    metrics::counter!(names::LANCE_ROWS).increment(inserted);
+                    let duplicates = entries.len() as u64 - inserted.min(entries.len() as u64);
+                    metrics::counter!(names::EVENTS, "type" => "interaction", "outcome" => "ok")
+                        .increment(inserted);
+                    metrics::counter!(names::EVENTS, "type" => "interaction", "outcome" => "duplicate").increment(duplicates);
+                    metrics::histogram!(names::STAGE_SECONDS, "stage" => "history_write")
+                        .record(write_started.elapsed().as_secs_f64());
+                    self.complete_all(&entry_msgs);
+                }
+                Err(Failure::Permanent(e)) => self.dead_letter_all(entry_msgs, &e, "interaction"),
+                Err(Failure::Aborted) => return Err(Aborted),
+            }
+        }
+        Ok(())
+    }
+
+    fn complete_all(&self, msgs: &[Consumed]) {
+        for m in msgs {
+            self.acks.complete(&m.token);
+        }
+    }
+
+    async fn flush_windows(&self, entries: &[HistoryEntry]) {
+        if entries.is_empty() {
+            return;
+        }
+        let refs: Vec<&HistoryEntry> = entries.iter().collect();
+        self.history.cache_interactions(&refs).await;
+    }
+
+    /// Turns an item event into a stored item, embedding it when it carries no embedding.
+    async fn item_record(&self, ev: ItemEvent) -> Result<Item, DecodeError> {
+        let embedding =
+            match (ev.embedding, &self.encoder) {
+                (Some(e), _) => e,
+                (None, Some(encoder)) => {
+                    let encoder = encoder.clone();
+                    let png = ev.image_png.clone();
+                    let text = ev.text.clone();
+                    let dim = self.limits.dim;
+                    let result = tokio::task::spawn_blocking(move || {
+                        let image = png.as_deref().map(Image::from_png).transpose()?;
+                        encoder.encode(image.as_ref(), text.as_deref())
+                    })
+                    .await;
+                    match result {
+                        Ok(Ok(v)) if v.len() == dim => v.into(),
+                        Ok(Ok(v)) => {
+                            return Err(DecodeError::new(
+                                DlqKind::Processing,
+                                format!("the encoder returned {} values, expected {dim}", v.len()),
+                            ))
+                        }
+                        Ok(Err(e)) => {
+                            return Err(DecodeError::new(
+                                DlqKind::Processing,
+                                format!("encoding the item: {e}"),
+                            ))
+                        }
+                        Err(e) => {
+                            return Err(DecodeError::new(
+                                DlqKind::Processing,
+                                format!("encoder task failed: {e}"),
+                            ))
+                        }
+                    }
+                }
+                (None, None) => return Err(DecodeError::new(
+                    DlqKind::NoEncoder,
+                    "the item has no embedding and no item encoder is configured (models.encoder)",
+                )),
+            };
+        Ok(Item {
+            item_id: ev.item_id,
+            event_id: ev.event_id,
+            text: ev.text,
+            category: ev.category,
+            image_png: ev.image_png,
+            embedding,
+            ts_ms: ev.ts_ms,
+        })
+    }
+
+    /// An item from this batch, else from the stores (memoized in `items` for the batch).
+    async fn lookup_item(
+        &self,
+        item_id: &str,
+        items: &mut HashMap<String, Item>,
+    ) -> Result<Option<Item>, Failure> {
+        if let Some(it) = items.get(item_id) {
+            return Ok(Some(it.clone()));
+        }
+        let found = self
+            .retry("read item", || self.history.item(item_id))
+            .await?;
+        if let Some(it) = &found {
+            items.insert(item_id.to_string(), it.clone());
+        }
+        Ok(found)
+    }
+
+    /// Resolves a display into a generation job. On a store failure the message comes back.
+    async fn display(
+        &self,
+        msg: Consumed,
+        ev: DisplayEvent,
+        batch_entries: &[HistoryEntry],
+        items: &mut HashMap<String, Item>,
+    ) -> Result<(), (Consumed, Failure)> {
+        if self.history.output_done(&ev.request_id).await {
+            metrics::counter!(names::OUTPUTS, "outcome" => "skipped_replay").increment(1);
+            metrics::counter!(names::EVENTS, "type" => "display", "outcome" => "duplicate")
+                .increment(1);
+            self.acks.complete(&msg.token);
+            return Ok(());
+        }
+        let reference = match self.lookup_item(&ev.item_id, items).await {
+            Ok(r) => r,
+            Err(f) => return Err((msg, f)),
+        };
+        let Some(reference) = reference else {
+            let e = DecodeError::new(
+                DlqKind::UnknownItem,
+                format!("reference item `{}` is unknown", ev.item_id),
+            );
+            self.dead_letter(msg, e, "display");
+            return Ok(());
+        };
+        let image = match reference.image_png.as_deref().map(Image::from_png) {
+            Some(Ok(img)) => Arc::new(img),
+            Some(Err(e)) => {
+                let e = DecodeError::new(
+                    DlqKind::ImageDecode,
+                    format!("reference item `{}`: {e}", ev.item_id),
+                );
+                self.dead_letter(msg, e, "display");
+                return Ok(());
+            }
+            None => {
+                let e = DecodeError::new(
+                    DlqKind::UnknownItem,
+                    format!("reference item `{}` has no image to render", ev.item_id),
+                );
+                self.dead_letter(msg, e, "display");
+                return Ok(());
+            }
+        };
+
+        let read_started = Instant::now();
+        let pending: Vec<&HistoryEntry> = batch_entries
+            .iter()
+            .filter(|e| e.user_id == ev.user_id)
+            .collect();
+        let loaded = self
+            .retry("read history", || {
+                self.history
+                    .load(&ev.user_id, &reference.embedding, self.params.k, &pending)
+            })
+            .await;
+        let (history, source) = match loaded {
+            Ok(h) => h,
+            Err(f) => return Err((msg, f)),
+        };
+        let history_s = read_started.elapsed().as_secs_f64();
+        metrics::histogram!(names::STAGE_SECONDS, "stage" => "history_read").record(history_s);
+
+        let pref_started = Instant::now();
+        let weighted = preference::weigh(&reference.embedding, &history, now_ms(), &self.params);
+        let preference =
+            preference::preference_vector(&history, &weighted, self.limits.dim).map(Arc::from);
+        let pref_s = pref_started.elapsed().as_secs_f64();
+        metrics::histogram!(names::STAGE_SECONDS, "stage" => "preference").record(pref_s);
+
+        let used = weighted
+            .iter()
+            .map(|w| {
+                let h = &history[w.index];
+                HistoryOut {
+                    event_id: h.event_id.clone(),
+                    item_id: h.item_id.clone(),
+                    action: h.action,
+                    similarity: w.similarity,
+                    weight: w.weight,
+                }
+            })
+            .collect();
+        let seed = ev
+            .seed
+            .unwrap_or_else(|| derive_seed(&ev.request_id, self.seed));
+        let n = ev.candidates.unwrap_or(self.default_candidates) as u64;
+        let seeds = (0..n).map(|i| (seed + i) & event::MAX_SEED).collect();
+        let job = DisplayJob {
+            msg,
+            event: ev,
+            reference_image: image,
+            reference_embedding: reference.embedding.clone(),
+            preference,
+            used,
+            history_len: history.len(),
+            source: source.as_str(),
+            seed,
+            seeds,
+            latency: LatencyOut {
+                history: history_s * 1e3,
+                preference: pref_s * 1e3,
+                ..Default::default()
+            },
+        };
+        if let Err(returned) = self.jobs.send(job).await {
+            return Err((returned.0.msg, Failure::Aborted));
+        }
+        Ok(())
+    }
+
+    /// Retries a store operation with backoff while its error is retryable, until it succeeds or
+    /// the worker aborts. Nothing is acknowledged meanwhile, so the consumer pauses once enough
+    /// work is in flight.
+    async fn retry<T, F, Fut>(&self, what: &'static str, mut op: F) -> Result<T, Failure>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, LanceError>>,
+    {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match op().await {
+                Ok(v) => return Ok(v),
+                Err(e) if !e.is_retryable() => return Err(Failure::Permanent(e)),
+                Err(e) => {
+                    metrics::counter!(names::LANCE_WRITE_ERRORS).increment(1);
+                    tracing::error!(error = %e, what, retry_in = ?backoff, "LanceDB operation failed; not acknowledging until it succeeds");
+                }
+            }
+            tokio::select! {
+                _ = self.abort.cancelled() => return Err(Failure::Aborted),
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    }
+}
+
+/// Dead-letter sends running in the background, counted so shutdown can wait for them.
+#[derive(Clone, Default)]
+pub struct DlqTasks(Arc<(AtomicUsize, tokio::sync::Notify)>);
+
+impl DlqTasks {
+    pub fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        /// Decrements on drop, so a task that panics is still counted out.
+        struct Running(DlqTasks);
+        impl Drop for Running {
+            fn drop(&mut self) {
+                if (self.0).0 .0.fetch_sub(1, Ordering::SeqCst) == 1 {
+                    (self.0).0 .1.notify_waiters();
+                }
+            }
+        }
+        self.0 .0.fetch_add(1, Ordering::SeqCst);
+        let running = Running(self.clone());
+        tokio::spawn(async move {
+            let _running = running;
+            task.await;
+        });
+    }
+
+    /// Resolves once no send is running.
+    pub async fn wait(&self) {
+        loop {
+            let notified = self.0 .1.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.0 .0.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// The worker gave up (shutdown deadline passed or the next stage is gone).
+#[derive(Debug)]
+pub struct Aborted;
+
+/// Why a store operation did not succeed.
+#[derive(Debug)]
+enum Failure {
+    Aborted,
+    /// Retrying cannot help: the messages involved go to the DLQ.
+    Permanent(LanceError),
+}
+
+/// A stable seed from the request id (FNV-1a), mixed with the configured seed, within JSON's safe integers.
+pub fn derive_seed(request_id: &str, mix: u64) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in request_id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h ^ mix) & event::MAX_SEED
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derived_seeds_are_stable_and_bounded() {
+        assert_eq!(derive_seed("r-1", 0), derive_seed("r-1", 0));
+        assert_ne!(derive_seed("r-1", 0), derive_seed("r-2", 0));
+        assert_ne!(derive_seed("r-1", 0), derive_seed("r-1", 1));
+        assert!(derive_seed("anything", u64::MAX) <= event::MAX_SEED);
+    }
+}

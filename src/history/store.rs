@@ -1,0 +1,332 @@
+//! [`History`]: LanceDB as the record, Redis as the cache in front of it, and the fallback between them.
+//!
+//! Every Redis call goes through a small circuit breaker: after a failure Redis is considered
+//! down for `redis.retry_interval` and reads are served from LanceDB (a log line on each
+//! transition, `ragar_redis_up` and `ragar_redis_fallbacks_total` say so). Windows and cached items
+//! written while Redis was down are remembered as dirty and dropped when it comes back, before
+//! anything reads them, so a recovered Redis never serves stale history.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use super::hot::Hot;
+use super::lance::{LanceError, LanceStore};
+use super::{newest_first, HistoryEntry, Item};
+use crate::telemetry::names;
+
+/// Where a display's history came from (reported in the output message).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Redis,
+    LanceDb,
+    None,
+}
+
+impl Source {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Source::Redis => "redis",
+            Source::LanceDb => "lancedb",
+            Source::None => "none",
+        }
+    }
+}
+
+/// Dirty keys remembered during an outage before giving up and dropping every window.
+const MAX_DIRTY: usize = 100_000;
+
+#[derive(Default)]
+struct Health {
+    /// `Some(t)`: Redis failed; do not try again before `t`.
+    down_until: Option<Instant>,
+    /// Counts failures, so a recovery only declares Redis up if nothing failed while it ran.
+    failures: u64,
+    dirty_users: HashSet<String>,
+    dirty_items: HashSet<String>,
+    /// Too many dirty keys to list: drop every window on recovery.
+    overflow: bool,
+}
+
+pub struct History {
+    hot: Hot,
+    lance: LanceStore,
+    health: Mutex<Health>,
+    retry_interval: Duration,
+    deep_search: bool,
+}
+
+impl History {
+    pub fn new(hot: Hot, lance: LanceStore, retry_interval: Duration, deep_search: bool) -> Self {
+        metrics::gauge!(names::REDIS_UP).set(1.0);
+        History {
+            hot,
+            lance,
+            health: Mutex::new(Health::default()),
+            retry_interval,
+            deep_search,
+        }
+    }
+
+    pub fn lance(&self) -> &LanceStore {
+        &self.lance
+    }
+
+    fn health(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether Redis is believed reachable right now.
+    pub fn redis_up(&self) -> bool {
+        self.health().down_until.is_none()
+    }
+
+    /// Runs one Redis operation through the breaker; `None` means "serve without Redis".
+    async fn redis<T>(
+        &self,
+        op: &'static str,
+        fut: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Option<T> {
+        let recovering = match self.health().down_until {
+            None => false,
+            Some(t) if Instant::now() < t => {
+                metrics::counter!(names::REDIS_FALLBACKS, "op" => op).increment(1);
+                return None;
+            }
+            Some(_) => true,
+        };
+        if recovering && !self.recover().await {
+            metrics::counter!(names::REDIS_FALLBACKS, "op" => op).increment(1);
+            return None;
+        }
+        match fut.await {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.mark_down(op, &e);
+                metrics::counter!(names::REDIS_FALLBACKS, "op" => op).increment(1);
+                None
+            }
+        }
+    }
+
+    fn mark_down(&self, op: &str, e: &redis::RedisError) {
+        let mut h = self.health();
+        if h.down_until.is_none() {
+            tracing::warn!(op, error = %e, "Redis unreachable: serving history from LanceDB");
+            metrics::gauge!(names::REDIS_UP).set(0.0);
+        }
+        h.failures += 1;
+        h.down_until = Some(Instant::now() + self.retry_interval);
+    }
+
+    /// Drops what went stale while Redis was down, then marks it up. Returns whether Redis is usable.
+    async fn recover(&self) -> bool {
+        let (users, items, overflow, failures) = {
+            let h = self.health();
+            (
+                h.dirty_users.iter().cloned().collect::<Vec<_>>(),
+                h.dirty_items.iter().cloned().collect::<Vec<_>>(),
+                h.overflow,
+                h.failures,
+            )
+        };
+        let result = async {
+            // The first command after an outage may return the connection manager's last failed
+            // reconnect attempt; a second ping uses the fresh connection.
+            if self.hot.ping().await.is_err() {
+                self.hot.ping().await?;
+            }
+            if overflow {
+                self.hot.invalidate_all().await?;
+            } else {
+                for chunk in users.chunks(1000) {
+                    self.hot.invalidate_windows(chunk).await?;
+                }
+            }
+            for chunk in items.chunks(1000) {
+                self.hot.forget_items(chunk).await?;
+            }
+            Ok::<_, redis::RedisError>(())
+        }
+        .await;
+        let mut h = self.health();
+        match result {
+            // Only what was dropped is forgotten; anything marked dirty meanwhile stays dirty, and
+            // a failure meanwhile keeps Redis down.
+            Ok(()) if h.failures == failures => {
+                for u in &users {
+                    h.dirty_users.remove(u);
+                }
+                for i in &items {
+                    h.dirty_items.remove(i);
+                }
+                if overflow {
+                    h.overflow = false;
+                }
+                if h.dirty_users.is_empty() && h.dirty_items.is_empty() && !h.overflow {
+                    h.down_until = None;
+                    metrics::gauge!(names::REDIS_UP).set(1.0);
+                    tracing::info!(
+                        stale_windows = users.len(),
+                        stale_items = items.len(),
+                        "Redis is back"
+                    );
+                    return true;
+                }
+                false
+            }
+            Ok(()) => false,
+            Err(e) => {
+                h.down_until = Some(Instant::now() + self.retry_interval);
+                tracing::debug!(error = %e, "Redis still unreachable");
+                false
+            }
+        }
+    }
+
+    fn mark_dirty(
+        &self,
+        users: impl IntoIterator<Item = String>,
+        items: impl IntoIterator<Item = String>,
+    ) {
+        let mut h = self.health();
+        if h.overflow {
+            return;
+        }
+        h.dirty_users.extend(users);
+        h.dirty_items.extend(items);
+        if h.dirty_users.len() + h.dirty_items.len() > MAX_DIRTY {
+            h.dirty_users.clear();
+            h.dirty_items.clear();
+            h.overflow = true;
+        }
+    }
+
+    /// Makes items durable in LanceDB, then refreshes the cache.
+    pub async fn write_items(&self, items: &[Item]) -> Result<(), LanceError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        self.lance.upsert_items(items).await?;
+        let refs: Vec<&Item> = items.iter().collect();
+        if self
+            .redis("put_items", self.hot.put_items(&refs))
+            .await
+            .is_none()
+        {
+            self.mark_dirty(None, items.iter().map(|i| i.item_id.clone()));
+        }
+        Ok(())
+    }
+
+    /// The item, from the cache or LanceDB (which then refills the cache).
+    pub async fn item(&self, item_id: &str) -> Result<Option<Item>, LanceError> {
+        if let Some(Some(item)) = self.redis("item", self.hot.item(item_id)).await {
+            return Ok(Some(item));
+        }
+        let item = self.lance.item(item_id).await?;
+        if let Some(it) = &item {
+            if self
+                .redis("put_items", self.hot.put_items(&[it]))
+                .await
+                .is_none()
+            {
+                self.mark_dirty(None, Some(it.item_id.clone()));
+            }
+        }
+        Ok(item)
+    }
+
+    /// Adds interactions to the users' hot windows (before they are durable: displays that follow
+    /// them must see them). Replays are harmless: a window member is its entry.
+    pub async fn cache_interactions(&self, entries: &[&HistoryEntry]) {
+        if entries.is_empty() {
+            return;
+        }
+        if self
+            .redis("append", self.hot.append(entries))
+            .await
+            .is_none()
+        {
+            self.mark_dirty(entries.iter().map(|e| e.user_id.clone()), None);
+        }
+    }
+
+    /// Makes interactions durable; an event id already stored is skipped. Returns rows inserted.
+    pub async fn persist_interactions(&self, entries: &[HistoryEntry]) -> Result<u64, LanceError> {
+        self.lance.insert_interactions(entries).await
+    }
+
+    /// The user's history for a display, newest first: the Redis window, else LanceDB (merged with
+    /// `pending`, this batch's earlier interactions that are not durable yet). When the window is
+    /// full, the user's `k` entries most similar to `reference` are searched in LanceDB too.
+    pub async fn load(
+        &self,
+        user_id: &str,
+        reference: &[f32],
+        k: usize,
+        pending: &[&HistoryEntry],
+    ) -> Result<(Vec<HistoryEntry>, Source), LanceError> {
+        let window = self.hot.window_size();
+        let (mut entries, source) = match self.redis("window", self.hot.window(user_id)).await {
+            Some(Some(w)) => (w, Source::Redis),
+            cached => {
+                let mut entries = self.lance.recent(user_id, window).await?;
+                let known: HashSet<String> = entries.iter().map(|e| e.event_id.clone()).collect();
+                entries.extend(
+                    pending
+                        .iter()
+                        .filter(|p| p.user_id == user_id && !known.contains(&p.event_id))
+                        .map(|p| (*p).clone()),
+                );
+                entries.sort_by(newest_first);
+                entries.truncate(window);
+                if cached.is_some()
+                    && self
+                        .redis("fill_window", self.hot.fill_window(user_id, &entries))
+                        .await
+                        .is_none()
+                {
+                    self.mark_dirty(Some(user_id.to_string()), None);
+                }
+                (entries, Source::LanceDb)
+            }
+        };
+        if self.deep_search && entries.len() >= window {
+            let known: HashSet<String> = entries.iter().map(|e| e.event_id.clone()).collect();
+            let older = self.lance.nearest(user_id, reference, k).await?;
+            entries.extend(older.into_iter().filter(|e| !known.contains(&e.event_id)));
+            entries.sort_by(newest_first);
+        }
+        let source = if entries.is_empty() {
+            Source::None
+        } else {
+            source
+        };
+        Ok((entries, source))
+    }
+
+    /// Whether a display's output was already published (false when Redis cannot say).
+    pub async fn output_done(&self, request_id: &str) -> bool {
+        self.redis("output_done", self.hot.output_done(request_id))
+            .await
+            .unwrap_or(false)
+    }
+
+    pub async fn mark_output_done(&self, request_id: &str) {
+        self.redis("mark_output_done", self.hot.mark_output_done(request_id))
+            .await;
+    }
+
+    /// Compacts LanceDB and refreshes the fragment gauge.
+    pub async fn maintain(&self) -> Result<(), LanceError> {
+        let started = Instant::now();
+        self.lance.optimize().await?;
+        metrics::histogram!(names::STAGE_SECONDS, "stage" => "compact")
+            .record(started.elapsed().as_secs_f64());
+        let fragments = self.lance.fragment_count().await?;
+        metrics::gauge!(names::LANCE_FRAGMENTS).set(fragments as f64);
+        Ok(())
+    }
+}

@@ -1,0 +1,318 @@
+//! Ingest: the Kafka consumer group, at-least-once.
+//!
+//! `enable.auto.offset.store` is off: an offset is stored only when [`Acks`] says every message up
+//! to it is done, and librdkafka commits the stored offsets on a timer (`kafka.commit_interval`).
+//! On partition revoke the callback waits (up to `kafka.rebalance_drain`) for the revoked
+//! partitions' work to finish, stores their watermarks and commits synchronously; on shutdown the
+//! worker does the same for everything. When more than `kafka.max_in_flight` messages are in
+//! flight the consumer pauses its partitions and keeps polling, so it stays in its group without
+//! buffering; it resumes at half that.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::KafkaConfig;
+use crate::offsets::{AckToken, Acks, TopicPartition};
+use crate::telemetry::{names, now_ms, Health};
+
+/// A consumed message, owned, with the token that completes it.
+#[derive(Debug, Clone)]
+pub struct Consumed {
+    pub token: AckToken,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// The Kafka timestamp, else the time it was received.
+    pub timestamp_ms: i64,
+    pub received: Instant,
+}
+
+/// The settings every client of the worker shares: brokers and the pass-through options.
+pub fn base_client_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers);
+    for (k, v) in &cfg.options {
+        c.set(k, v);
+    }
+    c
+}
+
+/// librdkafka callbacks: rebalance handling and consumer-lag statistics.
+pub struct IngestContext {
+    acks: Arc<Acks>,
+    drain: Duration,
+    /// Set while partitions are paused, so newly assigned ones are paused too.
+    paused: Arc<AtomicBool>,
+}
+
+impl ClientContext for IngestContext {
+    fn stats(&self, stats: Statistics) {
+        for (topic, t) in &stats.topics {
+            for (partition, p) in &t.partitions {
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    metrics::gauge!(names::CONSUMER_LAG, "topic" => topic.clone(), "partition" => partition.to_string())
+                        .set(p.consumer_lag as f64);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for IngestContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(tpl) = rebalance else {
+            return;
+        };
+        let tps: Vec<TopicPartition> = tpl
+            .elements()
+            .iter()
+            .map(|e| TopicPartition::new(e.topic(), e.partition()))
+            .collect();
+        // librdkafka runs this callback inside the consumer's poll, on a runtime thread: let the
+        // runtime move its other tasks away while this thread waits for the stages to finish.
+        let deadline = Instant::now() + self.drain;
+        let drained = blocking(|| self.acks.wait_drained(&tps, deadline));
+        let marks = self.acks.remove(&tps);
+        if !consumer.assignment_lost() {
+            if let Err(e) = store(consumer, &marks) {
+                tracing::warn!(error = %e, "storing offsets on revoke");
+            }
+            match consumer.commit_consumer_state(CommitMode::Sync) {
+                Ok(())
+                | Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {
+                    metrics::counter!(names::COMMITS, "reason" => "revoke").increment(1);
+                }
+                Err(e) => tracing::warn!(error = %e, "committing offsets on revoke"),
+            }
+        }
+        tracing::info!(partitions = tps.len(), drained, "partitions revoked");
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            tracing::info!(partitions = tpl.count(), "partitions assigned");
+            if self.paused.load(Ordering::SeqCst) {
+                if let Err(e) = consumer.pause(tpl) {
+                    tracing::warn!(error = %e, "pausing newly assigned partitions");
+                }
+            }
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => metrics::counter!(names::COMMITS, "reason" => "timer").increment(1),
+            Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => tracing::warn!(error = %e, "offset commit failed"),
+        }
+    }
+}
+
+/// Runs a blocking wait, telling a multi-threaded tokio runtime about it when there is one.
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
+fn store<C: Consumer<X>, X: ConsumerContext>(
+    consumer: &C,
+    marks: &[(TopicPartition, i64)],
+) -> KafkaResult<()> {
+    if marks.is_empty() {
+        return Ok(());
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (tp, offset) in marks {
+        tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*offset))?;
+    }
+    consumer.store_offsets(&tpl)
+}
+
+/// The consumer and the shared completion state.
+pub struct Ingest {
+    consumer: StreamConsumer<IngestContext>,
+    acks: Arc<Acks>,
+    paused: Arc<AtomicBool>,
+    max_in_flight: usize,
+}
+
+impl Ingest {
+    pub fn new(cfg: &KafkaConfig, acks: Arc<Acks>) -> KafkaResult<Ingest> {
+        let paused = Arc::new(AtomicBool::new(false));
+        let context = IngestContext {
+            acks: acks.clone(),
+            drain: cfg.rebalance_drain,
+            paused: paused.clone(),
+        };
+        let consumer: StreamConsumer<IngestContext> = base_client_config(cfg)
+            .set("group.id", &cfg.group_id)
+            .set("enable.auto.commit", "true")
+            .set("enable.auto.offset.store", "false")
+            .set(
+                "auto.commit.interval.ms",
+                cfg.commit_interval.as_millis().to_string(),
+            )
+            .set(
+                "session.timeout.ms",
+                cfg.session_timeout.as_millis().to_string(),
+            )
+            .set(
+                "auto.offset.reset",
+                cfg.options
+                    .get("auto.offset.reset")
+                    .map_or("earliest", String::as_str),
+            )
+            .set(
+                "statistics.interval.ms",
+                cfg.options
+                    .get("statistics.interval.ms")
+                    .map_or("5000", String::as_str),
+            )
+            .create_with_context(context)?;
+        let topics: Vec<&str> = cfg.input_topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics)?;
+        Ok(Ingest {
+            consumer,
+            acks,
+            paused,
+            max_in_flight: cfg.max_in_flight,
+        })
+    }
+
+    /// Consumes until `stop` is cancelled, handing each message to `out` in partition order.
+    /// Returns when stopped or when `out` is closed; stored offsets are not committed here
+    /// (see [`Ingest::commit_final`]).
+    pub async fn run(
+        &self,
+        out: mpsc::Sender<Consumed>,
+        stop: CancellationToken,
+        health: Arc<Health>,
+    ) {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            self.store_advanced();
+            self.apply_backpressure();
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                _ = self.acks.notify.notified() => {}
+                _ = tick.tick() => health.beat(),
+                msg = self.consumer.recv() => match msg {
+                    Ok(m) => {
+                        let consumed = self.own(&m);
+                        if out.send(consumed).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "consumer error");
+                        metrics::counter!(names::EVENTS, "type" => "unknown", "outcome" => "consumer_error").increment(1);
+                    }
+                },
+            }
+        }
+    }
+
+    fn own(&self, m: &rdkafka::message::BorrowedMessage<'_>) -> Consumed {
+        let tp = TopicPartition::new(m.topic(), m.partition());
+        let token = self.acks.start(&tp, m.offset());
+        let headers = m
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| {
+                        (
+                            h.key.to_string(),
+                            h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Consumed {
+            token,
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec),
+            headers,
+            timestamp_ms: m.timestamp().to_millis().unwrap_or_else(now_ms),
+            received: Instant::now(),
+        }
+    }
+
+    fn store_advanced(&self) {
+        let marks = self.acks.take_advanced();
+        if let Err(e) = store(&self.consumer, &marks) {
+            // A partition revoked between completion and storing: its new owner replays from
+            // the last commit, which at-least-once allows.
+            tracing::debug!(error = %e, "storing offsets");
+        }
+    }
+
+    fn apply_backpressure(&self) {
+        let in_flight = self.acks.in_flight();
+        metrics::gauge!(names::IN_FLIGHT).set(in_flight as f64);
+        let paused = self.paused.load(Ordering::SeqCst);
+        let change = if !paused && in_flight >= self.max_in_flight {
+            Some(true)
+        } else if paused && in_flight <= self.max_in_flight / 2 {
+            Some(false)
+        } else {
+            None
+        };
+        let Some(pause) = change else { return };
+        let assignment = match self.consumer.assignment() {
+            Ok(a) => a,
+            Err(e) => return tracing::warn!(error = %e, "reading assignment"),
+        };
+        let result = if pause {
+            self.consumer.pause(&assignment)
+        } else {
+            self.consumer.resume(&assignment)
+        };
+        match result {
+            Ok(()) => {
+                self.paused.store(pause, Ordering::SeqCst);
+                metrics::gauge!(names::PAUSED).set(if pause { 1.0 } else { 0.0 });
+                tracing::debug!(in_flight, pause, "backpressure");
+            }
+            Err(e) => tracing::warn!(error = %e, pause, "pausing/resuming partitions"),
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.acks.in_flight()
+    }
+
+    /// Stores every watermark and commits synchronously (shutdown).
+    pub fn commit_final(&self) {
+        if let Err(e) = store(&self.consumer, &self.acks.watermarks()) {
+            tracing::warn!(error = %e, "storing final offsets");
+        }
+        match self.consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(())
+            | Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {
+                metrics::counter!(names::COMMITS, "reason" => "shutdown").increment(1);
+            }
+            Err(e) => tracing::warn!(error = %e, "final commit failed"),
+        }
+        // Work that did not finish is replayed by the partitions' next owner; the revoke that
+        // closing the consumer triggers must not wait for it.
+        self.acks.clear();
+    }
+}

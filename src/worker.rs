@@ -1,0 +1,251 @@
+//! The worker: wires ingest → history stage → generation stage → publish, and shuts them down in order.
+//!
+//! [`run`] takes its shutdown signal as a future, so the binary passes SIGTERM/SIGINT and tests
+//! pass whatever they like. On shutdown the consumer stops taking messages, the stages drain what
+//! they hold (bounded by `shutdown.grace`), and the completed watermarks are committed; work that
+//! did not finish in time is simply replayed by the next owner of its partition.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ConfigError, ModelsConfig};
+use crate::generate::GenerateStage;
+use crate::history::hot::Hot;
+use crate::history::lance::{LanceError, LanceStore};
+use crate::history::stage::{DlqTasks, HistoryStage};
+use crate::history::store::History;
+use crate::ingest::Ingest;
+use crate::model::{CosineRanker, Generator, ItemEncoder, Passthrough, Ranker};
+use crate::offsets::Acks;
+use crate::preference::Params;
+use crate::publish::Publisher;
+use crate::telemetry::{self, Health};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("opening LanceDB: {0}")]
+    Lance(#[from] LanceError),
+    #[error("Redis client: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("Kafka client: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("telemetry listener on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// The models behind the worker's seams.
+#[derive(Clone)]
+pub struct Models {
+    pub encoder: Option<Arc<dyn ItemEncoder>>,
+    pub generator: Arc<dyn Generator>,
+    pub ranker: Arc<dyn Ranker>,
+}
+
+impl Models {
+    /// The models named by `[models]`; an unknown name is an error naming its key.
+    pub fn from_config(cfg: &ModelsConfig) -> Result<Models, ConfigError> {
+        let unknown = |key: &str, value: &str, known: &str| ConfigError::Invalid {
+            key: key.into(),
+            message: format!("unknown model `{value}` (known: {known})"),
+        };
+        let encoder: Option<Arc<dyn ItemEncoder>> = match cfg.encoder.as_str() {
+            "none" => None,
+            other => return Err(unknown("models.encoder", other, "none")),
+        };
+        let generator: Arc<dyn Generator> = match cfg.generator.as_str() {
+            "passthrough" => Arc::new(Passthrough),
+            other => return Err(unknown("models.generator", other, "passthrough")),
+        };
+        let ranker: Arc<dyn Ranker> = match cfg.ranker.as_str() {
+            "cosine" => Arc::new(CosineRanker {
+                personalization_weight: cfg.personalization_weight,
+                encoder: encoder.clone(),
+            }),
+            other => return Err(unknown("models.ranker", other, "cosine")),
+        };
+        Ok(Models {
+            encoder,
+            generator,
+            ranker,
+        })
+    }
+}
+
+/// What a running worker tells its caller once it is up.
+#[derive(Debug, Clone)]
+pub struct Started {
+    /// The bound address of `/metrics`, `/healthz`, `/readyz`.
+    pub telemetry: SocketAddr,
+}
+
+/// Runs the worker until `shutdown` resolves, then drains and commits. `started` (optional)
+/// receives the telemetry address once the worker is consuming.
+pub async fn run(
+    cfg: Config,
+    models: Models,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    started: Option<oneshot::Sender<Started>>,
+) -> Result<(), WorkerError> {
+    cfg.validate()?;
+    telemetry::metrics_handle();
+    let health = Arc::new(Health::default());
+
+    let lance = LanceStore::open_with(
+        &cfg.lance.uri,
+        cfg.models.dim,
+        Some(cfg.lance.read_consistency),
+    )
+    .await?;
+    let hot = Hot::new(&cfg.redis)?;
+    let history = Arc::new(History::new(
+        hot,
+        lance,
+        cfg.redis.retry_interval,
+        cfg.preference.deep_search,
+    ));
+    let stop = CancellationToken::new();
+    let abort = CancellationToken::new();
+    let publisher = Publisher::new(&cfg.kafka, cfg.limits.max_payload_bytes, abort.clone())?;
+    let acks = Arc::new(Acks::new());
+    let ingest = Ingest::new(&cfg.kafka, acks.clone())?;
+    let dlq_tasks = DlqTasks::default();
+    let (telemetry_addr, server) = telemetry::serve(
+        cfg.telemetry.listen,
+        health.clone(),
+        stop.clone().cancelled_owned(),
+    )
+    .await
+    .map_err(|source| WorkerError::Listen {
+        addr: cfg.telemetry.listen,
+        source,
+    })?;
+    let server = tokio::spawn(server);
+
+    let params = Params::from_config(&cfg.preference);
+    let (msg_tx, msg_rx) = mpsc::channel(cfg.kafka.max_in_flight + 1);
+    let (job_tx, job_rx) = mpsc::channel(cfg.generate.queue);
+    let history_stage = HistoryStage {
+        history: history.clone(),
+        publisher: publisher.clone(),
+        acks: acks.clone(),
+        encoder: models.encoder.clone(),
+        limits: cfg.decode_limits(),
+        params: params.clone(),
+        default_candidates: cfg.generate.candidates,
+        seed: cfg.generate.seed,
+        batch_max: cfg.lance.batch_max_rows,
+        linger: cfg.lance.batch_linger,
+        jobs: job_tx,
+        abort: abort.clone(),
+        dlq_tasks: dlq_tasks.clone(),
+    };
+    let generate_stage = GenerateStage {
+        generator: models.generator.clone(),
+        ranker: models.ranker.clone(),
+        encoder_version: models
+            .encoder
+            .as_ref()
+            .map_or_else(|| "none".to_string(), |e| e.version().to_string()),
+        history: history.clone(),
+        publisher: publisher.clone(),
+        acks: acks.clone(),
+        params,
+        batch_max: cfg.generate.batch_max,
+        batch_delay: cfg.generate.batch_delay,
+        cancel: abort.clone(),
+    };
+    let mut stages = tokio::spawn(async move {
+        let gen = tokio::spawn(generate_stage.run(job_rx));
+        history_stage.run(msg_rx).await;
+        let _ = gen.await;
+    });
+    let maintenance = tokio::spawn(maintain(
+        history.clone(),
+        cfg.lance.compact_interval,
+        stop.clone(),
+    ));
+
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            stop.cancel();
+        });
+    }
+    health.set_ready(true);
+    tracing::info!(
+        brokers = %cfg.kafka.brokers,
+        topics = ?cfg.kafka.input_topics,
+        telemetry = %telemetry_addr,
+        generator = models.generator.version(),
+        ranker = models.ranker.version(),
+        "worker started"
+    );
+    if let Some(tx) = started {
+        let _ = tx.send(Started {
+            telemetry: telemetry_addr,
+        });
+    }
+
+    ingest.run(msg_tx, stop.clone(), health.clone()).await;
+    health.set_ready(false);
+    stop.cancel();
+    tracing::info!(in_flight = ingest.in_flight(), grace = ?cfg.shutdown.grace, "draining");
+    let drained = async {
+        let _ = (&mut stages).await;
+        dlq_tasks.wait().await;
+    };
+    if tokio::time::timeout(cfg.shutdown.grace, drained)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            in_flight = ingest.in_flight(),
+            "shutdown grace expired; unfinished work will be replayed"
+        );
+        // Everything that waits (store retries, sends, the model) watches this token.
+        abort.cancel();
+        if tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            let _ = (&mut stages).await;
+            dlq_tasks.wait().await;
+        })
+        .await
+        .is_err()
+        {
+            stages.abort();
+        }
+    }
+    ingest.commit_final();
+    let _ = maintenance.await;
+    let _ = server.await;
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+async fn maintain(history: Arc<History>, every: std::time::Duration, stop: CancellationToken) {
+    if every.is_zero() {
+        return;
+    }
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {
+                if let Err(e) = history.maintain().await {
+                    tracing::warn!(error = %e, "LanceDB maintenance failed");
+                }
+            }
+        }
+    }
+}

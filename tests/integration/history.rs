@@ -1,0 +1,180 @@
+//! The history stores against the real Redis and LanceDB in a temp dir: windows, rebuilds,
+//! fallback while Redis is down and recovery after it returns.
+
+use std::time::Duration;
+
+use ragar::config::RedisConfig;
+use ragar::event::Action;
+use ragar::history::hot::Hot;
+use ragar::history::lance::LanceStore;
+use ragar::history::store::{History, Source};
+use ragar::history::{newest_first, HistoryEntry};
+
+use crate::common::{shared_redis_url, OwnRedis};
+
+const DIM: usize = 4;
+
+fn redis_cfg(url: &str, name: &str, window: usize) -> RedisConfig {
+    RedisConfig {
+        url: url.to_string(),
+        key_prefix: format!("ragar-hist-{name}-{}", std::process::id()),
+        window,
+        timeout: Duration::from_millis(300),
+        retry_interval: Duration::from_millis(100),
+        ..RedisConfig::default()
+    }
+}
+
+fn entry(user: &str, i: usize, emb: [f32; DIM]) -> HistoryEntry {
+    HistoryEntry {
+        event_id: format!("{user}-e{i:04}"),
+        user_id: user.to_string(),
+        item_id: format!("item{i}"),
+        action: Action::Like,
+        ts_ms: 1_000 + i as i64,
+        embedding: emb.to_vec().into(),
+    }
+}
+
+fn sorted(mut v: Vec<HistoryEntry>) -> Vec<HistoryEntry> {
+    v.sort_by(newest_first);
+    v
+}
+
+#[tokio::test]
+async fn windows_append_only_when_complete_and_keep_the_newest() {
+    let hot = Hot::new(&redis_cfg(&shared_redis_url(), "win", 3)).unwrap();
+    let e: Vec<HistoryEntry> = (0..5)
+        .map(|i| entry("u", i, [i as f32, 1.0, 0.0, 0.0]))
+        .collect();
+    hot.invalidate_windows(&["u".to_string()]).await.unwrap();
+    assert_eq!(
+        hot.append(&[&e[0]]).await.unwrap(),
+        0,
+        "no window yet: nothing is added"
+    );
+    assert_eq!(hot.window("u").await.unwrap(), None);
+
+    hot.fill_window("u", &[]).await.unwrap();
+    assert_eq!(
+        hot.window("u").await.unwrap(),
+        Some(vec![]),
+        "an empty complete window"
+    );
+    let refs: Vec<&HistoryEntry> = e.iter().collect();
+    assert_eq!(hot.append(&refs).await.unwrap(), 5);
+    // Replaying changes nothing.
+    hot.append(&refs).await.unwrap();
+    let w = hot.window("u").await.unwrap().unwrap();
+    assert_eq!(
+        w,
+        sorted(e.clone())[..3].to_vec(),
+        "newest 3, newest first, once each"
+    );
+    hot.invalidate_windows(&["u".to_string()]).await.unwrap();
+}
+
+#[tokio::test]
+async fn load_rebuilds_from_lancedb_and_searches_older_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let lance = LanceStore::open(dir.path().to_str().unwrap(), DIM)
+        .await
+        .unwrap();
+    let hot = Hot::new(&redis_cfg(&shared_redis_url(), "load", 4)).unwrap();
+    let history = History::new(hot.clone(), lance.clone(), Duration::from_millis(100), true);
+
+    // 10 stored interactions: the oldest one points where the reference will.
+    let mut stored: Vec<HistoryEntry> = (1..10)
+        .map(|i| entry("v", i, [0.0, 1.0, i as f32 * 0.01, 0.0]))
+        .collect();
+    stored.push(entry("v", 0, [1.0, 0.0, 0.0, 0.0]));
+    history.persist_interactions(&stored).await.unwrap();
+    hot.invalidate_windows(&["v".to_string()]).await.unwrap();
+    // Not durable yet, from the current batch.
+    let pending = entry("v", 10, [0.0, 1.0, 0.5, 0.0]);
+
+    let (h, source) = history
+        .load("v", &[1.0, 0.0, 0.0, 0.0], 2, &[&pending])
+        .await
+        .unwrap();
+    assert_eq!(source, Source::LanceDb);
+    let ids: Vec<&str> = h.iter().map(|e| e.event_id.as_str()).collect();
+    // The window (newest 4, pending included) plus the most similar older item from the search.
+    assert_eq!(&ids[..4], &["v-e0010", "v-e0009", "v-e0008", "v-e0007"]);
+    assert!(
+        ids.contains(&"v-e0000"),
+        "deep search found the similar old item: {ids:?}"
+    );
+
+    // The rebuilt window is in Redis now.
+    let w = hot.window("v").await.unwrap().expect("window filled");
+    assert_eq!(w.len(), 4);
+    let (_, source) = history
+        .load("v", &[1.0, 0.0, 0.0, 0.0], 2, &[])
+        .await
+        .unwrap();
+    assert_eq!(source, Source::Redis);
+    hot.invalidate_windows(&["v".to_string()]).await.unwrap();
+}
+
+#[tokio::test]
+async fn falls_back_while_redis_is_down_and_drops_stale_windows_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = OwnRedis::start();
+    let lance = LanceStore::open(dir.path().to_str().unwrap(), DIM)
+        .await
+        .unwrap();
+    let hot = Hot::new(&redis_cfg(&redis.url(), "down", 10)).unwrap();
+    // A zero retry interval: every call tries Redis again, so the test need not wait for a timer.
+    let history = History::new(hot.clone(), lance, Duration::ZERO, false);
+
+    let first: Vec<HistoryEntry> = (0..3)
+        .map(|i| entry("w", i, [1.0, 0.0, 0.0, i as f32]))
+        .collect();
+    history.persist_interactions(&first).await.unwrap();
+    let (h, source) = history
+        .load("w", &[1.0, 0.0, 0.0, 0.0], 4, &[])
+        .await
+        .unwrap();
+    assert_eq!((h.len(), source), (3, Source::LanceDb));
+    assert!(history.redis_up());
+
+    // Redis goes away with the window in it; the old process's data would be stale.
+    redis.stop();
+    let more: Vec<HistoryEntry> = (3..6)
+        .map(|i| entry("w", i, [1.0, 0.0, 0.0, i as f32]))
+        .collect();
+    let refs: Vec<&HistoryEntry> = more.iter().collect();
+    history.cache_interactions(&refs).await;
+    history.persist_interactions(&more).await.unwrap();
+    assert!(!history.redis_up());
+    let (h, source) = history
+        .load("w", &[1.0, 0.0, 0.0, 0.0], 4, &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        (h.len(), source),
+        (6, Source::LanceDb),
+        "served from LanceDB while Redis is down"
+    );
+    assert!(
+        !history.output_done("req").await,
+        "unknown while down, not an error"
+    );
+
+    // Back, and restored with the old window (as a Redis with persistence would be).
+    redis.restart();
+    hot.fill_window("w", &sorted(first.clone())).await.unwrap();
+    // The next call recovers, dropping the stale window before anything reads it.
+    let (h, _) = history
+        .load("w", &[1.0, 0.0, 0.0, 0.0], 4, &[])
+        .await
+        .unwrap();
+    assert!(history.redis_up());
+    let all = sorted(first.into_iter().chain(more).collect());
+    assert_eq!(
+        h, all,
+        "the stale window was dropped and rebuilt from LanceDB"
+    );
+    assert_eq!(hot.window("w").await.unwrap().unwrap(), all);
+}

@@ -1,0 +1,6 @@
+//! Integration tests against the real services: Kafka protocol (librdkafka's mock cluster over
+//! TCP), Redis and LanceDB in temp dirs. One binary, so the heavy dependencies link once.
+
+mod common;
+mod history;
+mod worker;
