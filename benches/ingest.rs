@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::ClientConfig;
+use rdkafka::{ClientConfig, Message};
 
 use ragar::broker::MockBroker;
 use ragar::config::Config;
@@ -123,9 +123,7 @@ async fn run(n: usize, users: usize) {
     let mut sink = first.map_or(0, |p| p.len());
     while got < n {
         let m = raw.recv().await.unwrap();
-        sink += rdkafka::Message::payload(&m)
-            .map(<[u8]>::to_vec)
-            .map_or(0, |p| p.len());
+        sink += m.payload().map(<[u8]>::to_vec).map_or(0, |p| p.len());
         got += 1;
     }
     let raw_rate = (n - 1) as f64 / t.elapsed().as_secs_f64();
@@ -137,7 +135,8 @@ async fn run(n: usize, users: usize) {
 
     // The worker: decode + Redis windows + LanceDB, every event acknowledged only once durable.
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = Config::default();
+    // Defaults, then RAGAR_* variables (e.g. RAGAR_LANCE__BATCH_MAX_ROWS=5000), then the bench's own.
+    let mut cfg = Config::load(None).expect("configuration");
     cfg.kafka.brokers = bootstrap.clone();
     cfg.kafka.group_id = "bench-worker".into();
     cfg.kafka.input_topics = vec![TOPIC.into()];
@@ -146,7 +145,6 @@ async fn run(n: usize, users: usize) {
         std::env::var("RAGAR_BENCH_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
     cfg.redis.key_prefix = format!("ragar-bench-{}", std::process::id());
     cfg.lance.uri = dir.path().join("lancedb").to_string_lossy().into_owned();
-    cfg.lance.compact_interval = Duration::ZERO;
     cfg.telemetry.listen = "127.0.0.1:0".parse().unwrap();
     cfg.models.dim = DIM;
 
@@ -204,6 +202,25 @@ async fn run(n: usize, users: usize) {
     let rows = store.count_interactions(None).await.unwrap();
     let window = hot.window("user0").await.unwrap().map_or(0, |w| w.len());
     println!("worker (decode + Redis + LanceDB, acked when durable): {worker_rate:.0} events/s");
+    // Where the time goes: the worker's own stage histograms.
+    let page = handle.render();
+    for stage in ["decode", "history_cache", "history_write"] {
+        let pick = |suffix: &str| {
+            page.lines()
+                .find(|l| {
+                    l.starts_with(&format!(
+                        "ragar_stage_seconds_{suffix}{{stage=\"{stage}\"}}"
+                    ))
+                })
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        let (sum, count) = (pick("sum"), pick("count"));
+        println!(
+            "  stage {stage:<14} {count:>5.0} batches, {sum:>7.2} s total, {:>7.2} ms/batch",
+            1e3 * sum / count.max(1.0)
+        );
+    }
     println!("ratio raw consume / worker: {:.2}", raw_rate / worker_rate);
     println!("LanceDB rows: {rows} (expected {n}); user0 window: {window} entries");
     assert_eq!(rows, n, "every event stored once");

@@ -23,7 +23,8 @@ pub mod names {
     pub const EVENTS: &str = "ragar_events_total";
     /// Messages sent to the dead-letter topic, by `kind`.
     pub const DLQ: &str = "ragar_dlq_messages_total";
-    /// Time per `stage`: decode, history_write, history_read, preference, generate, rank, publish, compact.
+    /// Time per `stage`: decode, history_cache (Redis windows), history_write (LanceDB), history_read,
+    /// preference, generate, rank, publish, compact.
     pub const STAGE_SECONDS: &str = "ragar_stage_seconds";
     /// From receiving a display event to its output being delivered.
     pub const END_TO_END_SECONDS: &str = "ragar_end_to_end_seconds";

@@ -313,7 +313,11 @@ pub fn decode_member(user_id: &str, m: &[u8]) -> Option<HistoryEntry> {
         item_id: item_id.to_string(),
         action,
         ts_ms,
-        embedding: bytes_to_f32s(&rest[8..]).into(),
+        // Straight into the shared slice: one allocation, no intermediate Vec.
+        embedding: rest[8..]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
     })
 }
 

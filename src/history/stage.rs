@@ -57,11 +57,16 @@ struct Decoded {
 
 impl HistoryStage {
     /// Processes batches from `rx` until it is closed and drained.
+    ///
+    /// One LanceDB write is in flight while the next batch is decoded, cached in Redis and its
+    /// displays resolved; a batch's write starts once the previous one has finished.
     pub async fn run(self, mut rx: mpsc::Receiver<Consumed>) {
+        let this = Arc::new(self);
+        let mut writing: Option<Write> = None;
         while let Some(first) = rx.recv().await {
             let mut batch = vec![first];
-            let deadline = tokio::time::Instant::now() + self.linger;
-            while batch.len() < self.batch_max {
+            let deadline = tokio::time::Instant::now() + this.linger;
+            while batch.len() < this.batch_max {
                 match rx.try_recv() {
                     Ok(m) => batch.push(m),
                     Err(mpsc::error::TryRecvError::Disconnected) => break,
@@ -73,9 +78,12 @@ impl HistoryStage {
                     }
                 }
             }
-            if self.process(batch).await.is_err() {
+            if this.process(batch, &mut writing).await.is_err() {
                 return;
             }
+        }
+        if let Some(w) = writing {
+            let _ = w.handle.await;
         }
     }
 
@@ -111,7 +119,11 @@ impl HistoryStage {
         }
     }
 
-    async fn process(&self, batch: Vec<Consumed>) -> Result<(), Aborted> {
+    async fn process(
+        self: &Arc<Self>,
+        batch: Vec<Consumed>,
+        writing: &mut Option<Write>,
+    ) -> Result<(), Aborted> {
         let started = Instant::now();
         let mut decoded = Vec::with_capacity(batch.len());
         for msg in batch {
@@ -211,7 +223,11 @@ impl HistoryStage {
                     self.flush_windows(&entries[entries.len() - unflushed..])
                         .await;
                     unflushed = 0;
-                    match self.display(d.msg, ev, &entries, &mut items).await {
+                    let previous = writing.as_ref().map_or(&[][..], |w| &w.entries[..]);
+                    match self
+                        .display(d.msg, ev, previous, &entries, &mut items)
+                        .await
+                    {
                         Ok(()) => {}
                         Err((msg, Failure::Permanent(e))) => {
                             self.dead_letter_all(vec![msg], &e, "display")
@@ -226,27 +242,53 @@ impl HistoryStage {
             .await;
 
         if !entries.is_empty() {
-            match self
-                .retry("write interactions", || {
-                    self.history.persist_interactions(&entries)
-                })
-                .await
-            {
-                Ok(inserted) => {
-                    metrics::counter!(names::LANCE_ROWS).increment(inserted);
-                    let duplicates = entries.len() as u64 - inserted.min(entries.len() as u64);
-                    metrics::counter!(names::EVENTS, "type" => "interaction", "outcome" => "ok")
-                        .increment(inserted);
-                    metrics::counter!(names::EVENTS, "type" => "interaction", "outcome" => "duplicate").increment(duplicates);
-                    metrics::histogram!(names::STAGE_SECONDS, "stage" => "history_write")
-                        .record(write_started.elapsed().as_secs_f64());
-                    self.complete_all(&entry_msgs);
-                }
-                Err(Failure::Permanent(e)) => self.dead_letter_all(entry_msgs, &e, "interaction"),
-                Err(Failure::Aborted) => return Err(Aborted),
+            // One write at a time: wait for the previous batch's, then start this one's.
+            if let Some(previous) = writing.take() {
+                previous.handle.await.map_err(|_| Aborted)??;
             }
+            let entries = Arc::new(entries);
+            let this = Arc::clone(self);
+            let to_write = Arc::clone(&entries);
+            let handle =
+                tokio::spawn(
+                    async move { this.persist(&to_write, entry_msgs, write_started).await },
+                );
+            *writing = Some(Write { handle, entries });
         }
         Ok(())
+    }
+
+    /// Makes a batch's interactions durable, then acknowledges them.
+    async fn persist(
+        &self,
+        entries: &[HistoryEntry],
+        msgs: Vec<Consumed>,
+        started: Instant,
+    ) -> Result<(), Aborted> {
+        match self
+            .retry("write interactions", || {
+                self.history.persist_interactions(entries)
+            })
+            .await
+        {
+            Ok(inserted) => {
+                metrics::counter!(names::LANCE_ROWS).increment(inserted);
+                let duplicates = entries.len() as u64 - inserted.min(entries.len() as u64);
+                metrics::counter!(names::EVENTS, "type" => "interaction", "outcome" => "ok")
+                    .increment(inserted);
+                metrics::counter!(names::EVENTS, "type" => "interaction", "outcome" => "duplicate")
+                    .increment(duplicates);
+                metrics::histogram!(names::STAGE_SECONDS, "stage" => "history_write")
+                    .record(started.elapsed().as_secs_f64());
+                self.complete_all(&msgs);
+                Ok(())
+            }
+            Err(Failure::Permanent(e)) => {
+                self.dead_letter_all(msgs, &e, "interaction");
+                Ok(())
+            }
+            Err(Failure::Aborted) => Err(Aborted),
+        }
     }
 
     fn complete_all(&self, msgs: &[Consumed]) {
@@ -259,8 +301,11 @@ impl HistoryStage {
         if entries.is_empty() {
             return;
         }
+        let started = Instant::now();
         let refs: Vec<&HistoryEntry> = entries.iter().collect();
         self.history.cache_interactions(&refs).await;
+        metrics::histogram!(names::STAGE_SECONDS, "stage" => "history_cache")
+            .record(started.elapsed().as_secs_f64());
     }
 
     /// Turns an item event into a stored item, embedding it when it carries no embedding.
@@ -334,11 +379,14 @@ impl HistoryStage {
         Ok(found)
     }
 
-    /// Resolves a display into a generation job. On a store failure the message comes back.
+    /// Resolves a display into a generation job. `previous` is the last batch's interactions
+    /// (their write may still be running), `batch_entries` this batch's so far. On a store
+    /// failure the message comes back.
     async fn display(
         &self,
         msg: Consumed,
         ev: DisplayEvent,
+        previous: &[HistoryEntry],
         batch_entries: &[HistoryEntry],
         items: &mut HashMap<String, Item>,
     ) -> Result<(), (Consumed, Failure)> {
@@ -382,8 +430,9 @@ impl HistoryStage {
         };
 
         let read_started = Instant::now();
-        let pending: Vec<&HistoryEntry> = batch_entries
+        let pending: Vec<&HistoryEntry> = previous
             .iter()
+            .chain(batch_entries)
             .filter(|e| e.user_id == ev.user_id)
             .collect();
         let loaded = self
@@ -472,6 +521,13 @@ impl HistoryStage {
             backoff = (backoff * 2).min(Duration::from_secs(10));
         }
     }
+}
+
+/// A batch's LanceDB write, running while the next batch is prepared.
+struct Write {
+    handle: tokio::task::JoinHandle<Result<(), Aborted>>,
+    /// What it writes: not durable until `handle` finishes, so reads of this batch include it.
+    entries: Arc<Vec<HistoryEntry>>,
 }
 
 /// Dead-letter sends running in the background, counted so shutdown can wait for them.
