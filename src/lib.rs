@@ -18,6 +18,7 @@
 
 pub mod broker;
 pub mod config;
+pub mod data;
 pub mod event;
 #[cfg(feature = "lance")]
 pub mod generate;
