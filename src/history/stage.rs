@@ -177,7 +177,6 @@ impl HistoryStage {
             }
         }
 
-        let write_started = Instant::now();
         let mut entries: Vec<HistoryEntry> = Vec::new();
         let mut entry_msgs: Vec<Consumed> = Vec::new();
         // Entries not yet added to the Redis windows (added before each display and at the end).
@@ -249,22 +248,16 @@ impl HistoryStage {
             let entries = Arc::new(entries);
             let this = Arc::clone(self);
             let to_write = Arc::clone(&entries);
-            let handle =
-                tokio::spawn(
-                    async move { this.persist(&to_write, entry_msgs, write_started).await },
-                );
+            let handle = tokio::spawn(async move { this.persist(&to_write, entry_msgs).await });
             *writing = Some(Write { handle, entries });
         }
         Ok(())
     }
 
     /// Makes a batch's interactions durable, then acknowledges them.
-    async fn persist(
-        &self,
-        entries: &[HistoryEntry],
-        msgs: Vec<Consumed>,
-        started: Instant,
-    ) -> Result<(), Aborted> {
+    async fn persist(&self, entries: &[HistoryEntry], msgs: Vec<Consumed>) -> Result<(), Aborted> {
+        // Times the write alone, not the wait for the previous one nor this batch's other work.
+        let started = Instant::now();
         match self
             .retry("write interactions", || {
                 self.history.persist_interactions(entries)
