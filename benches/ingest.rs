@@ -78,6 +78,20 @@ async fn run(n: usize, users: usize) {
         "decode only (1 thread): {:.0} events/s",
         n as f64 / decode_s
     );
+    // For comparison: serde converting the embedding itself (what decode avoids).
+    #[derive(serde::Deserialize)]
+    struct SerdeFloats {
+        #[allow(dead_code)]
+        embedding: Vec<f32>,
+    }
+    let t = Instant::now();
+    for (_, p) in &payloads {
+        serde_json::from_slice::<SerdeFloats>(p).unwrap();
+    }
+    println!(
+        "  reference: serde parsing the embedding alone: {:.0} events/s",
+        n as f64 / t.elapsed().as_secs_f64()
+    );
 
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &bootstrap)

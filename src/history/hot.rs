@@ -20,18 +20,29 @@ use super::{HistoryEntry, Item};
 use crate::event::Action;
 
 /// Appends entries to complete windows and trims each to its newest `ARGV[1]` (plus the sentinel).
+/// One key per user; after the two fixed arguments, each key has its entry count followed by that
+/// many (score, member) pairs, so a user's entries of a batch cost one ZADD, one trim, one expire.
 const APPEND: &str = r#"
 local n = tonumber(ARGV[1])
-local ttl = tonumber(ARGV[2])
+local ttl = ARGV[2]
+local at = 3
 local added = 0
 for i = 1, #KEYS do
   local key = KEYS[i]
+  local count = tonumber(ARGV[at])
   if redis.call('EXISTS', key) == 1 then
-    redis.call('ZADD', key, ARGV[2 * i + 1], ARGV[2 * i + 2])
+    local from = at + 1
+    local last = at + 2 * count
+    while from <= last do
+      local upto = math.min(from + 999, last)
+      redis.call('ZADD', key, unpack(ARGV, from, upto))
+      from = upto + 1
+    end
     redis.call('ZREMRANGEBYRANK', key, 1, -(n + 1))
     redis.call('PEXPIRE', key, ttl)
-    added = added + 1
+    added = added + count
   end
+  at = at + 1 + 2 * count
 end
 return added
 "#;
@@ -98,12 +109,23 @@ impl Hot {
         if entries.is_empty() {
             return Ok(0);
         }
+        // Group by user, keeping first-seen order of users and the order of each user's entries.
+        let mut slot: HashMap<&str, usize> = HashMap::new();
+        let mut users: Vec<Vec<&HistoryEntry>> = Vec::new();
+        for e in entries {
+            let i = *slot.entry(e.user_id.as_str()).or_insert_with(|| {
+                users.push(Vec::new());
+                users.len() - 1
+            });
+            users[i].push(e);
+        }
         let mut inv = self.append.prepare_invoke();
         inv.arg(self.window).arg(self.window_ttl_ms);
-        for e in entries {
-            inv.key(self.window_key(&e.user_id))
-                .arg(e.ts_ms)
-                .arg(encode_member(e));
+        for group in &users {
+            inv.key(self.window_key(&group[0].user_id)).arg(group.len());
+            for e in group {
+                inv.arg(e.ts_ms).arg(encode_member(e));
+            }
         }
         let mut c = self.conn.clone();
         inv.invoke_async::<usize>(&mut c).await

@@ -58,27 +58,33 @@ struct Decoded {
 impl HistoryStage {
     /// Processes batches from `rx` until it is closed and drained.
     ///
-    /// One LanceDB write is in flight while the next batch is decoded, cached in Redis and its
+    /// Three things overlap: the next batch is decoded (on the blocking pool) while this one is
+    /// applied, and one LanceDB write is in flight while the next batch is cached in Redis and its
     /// displays resolved; a batch's write starts once the previous one has finished.
-    pub async fn run(self, mut rx: mpsc::Receiver<Consumed>) {
+    pub async fn run(self, rx: mpsc::Receiver<Consumed>) {
         let this = Arc::new(self);
+        // One decoded batch waits while another is applied; more would only hold memory.
+        let (decoded_tx, mut decoded_rx) = mpsc::channel(1);
+        let batcher = tokio::spawn(batch_and_decode(
+            rx,
+            decoded_tx,
+            this.batch_max,
+            this.linger,
+            this.limits.clone(),
+        ));
         let mut writing: Option<Write> = None;
-        while let Some(first) = rx.recv().await {
-            let mut batch = vec![first];
-            let deadline = tokio::time::Instant::now() + this.linger;
-            while batch.len() < this.batch_max {
-                match rx.try_recv() {
-                    Ok(m) => batch.push(m),
-                    Err(mpsc::error::TryRecvError::Disconnected) => break,
-                    Err(mpsc::error::TryRecvError::Empty) => {
-                        match tokio::time::timeout_at(deadline, rx.recv()).await {
-                            Ok(Some(m)) => batch.push(m),
-                            Ok(None) | Err(_) => break,
-                        }
-                    }
+        while let Some(decoding) = decoded_rx.recv().await {
+            let decoded = match decoding.await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::error!(error = %e, "decoding a batch failed; the stage stops");
+                    batcher.abort();
+                    return;
                 }
-            }
-            if this.process(batch, &mut writing).await.is_err() {
+            };
+            if this.process(decoded, &mut writing).await.is_err() {
+                // Aborting: the consumer side sees the stage gone; nothing more is acknowledged.
+                batcher.abort();
                 return;
             }
         }
@@ -121,26 +127,16 @@ impl HistoryStage {
 
     async fn process(
         self: &Arc<Self>,
-        batch: Vec<Consumed>,
+        batch: Vec<Result<Decoded, (Consumed, DecodeError)>>,
         writing: &mut Option<Write>,
     ) -> Result<(), Aborted> {
-        let started = Instant::now();
         let mut decoded = Vec::with_capacity(batch.len());
-        for msg in batch {
-            let result = match &msg.payload {
-                Some(p) => event::decode(p, msg.timestamp_ms, &self.limits),
-                None => Err(DecodeError::new(
-                    DlqKind::InvalidJson,
-                    "message has no value",
-                )),
-            };
-            match result {
-                Ok(event) => decoded.push(Decoded { msg, event }),
-                Err(e) => self.dead_letter(msg, e, "unknown"),
+        for d in batch {
+            match d {
+                Ok(d) => decoded.push(d),
+                Err((msg, e)) => self.dead_letter(msg, e, "unknown"),
             }
         }
-        metrics::histogram!(names::STAGE_SECONDS, "stage" => "decode")
-            .record(started.elapsed().as_secs_f64());
 
         // Items first, so interactions and displays of this batch can refer to them.
         let mut items: HashMap<String, Item> = HashMap::new();
@@ -463,7 +459,7 @@ impl HistoryStage {
             .collect();
         let seed = ev
             .seed
-            .unwrap_or_else(|| derive_seed(&ev.request_id, self.seed));
+            .unwrap_or_else(|| event::derive_seed(&ev.request_id, self.seed));
         let n = ev.candidates.unwrap_or(self.default_candidates) as u64;
         let seeds = (0..n).map(|i| (seed + i) & event::MAX_SEED).collect();
         let job = DisplayJob {
@@ -514,6 +510,67 @@ impl HistoryStage {
             backoff = (backoff * 2).min(Duration::from_secs(10));
         }
     }
+}
+
+/// Collects micro-batches from the consumer (up to `batch_max`, waiting at most `linger` after a
+/// batch's first message) and decodes each on the blocking pool, handing the decoding tasks on in
+/// order. Stops when the consumer side closes or the stage stops taking batches.
+async fn batch_and_decode(
+    mut rx: mpsc::Receiver<Consumed>,
+    out: mpsc::Sender<tokio::task::JoinHandle<Vec<Result<Decoded, (Consumed, DecodeError)>>>>,
+    batch_max: usize,
+    linger: Duration,
+    limits: Limits,
+) {
+    let limits = Arc::new(limits);
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + linger;
+        while batch.len() < batch_max {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    match tokio::time::timeout_at(deadline, rx.recv()).await {
+                        Ok(Some(m)) => batch.push(m),
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+            }
+        }
+        let limits = Arc::clone(&limits);
+        let decoding = tokio::task::spawn_blocking(move || decode_batch(batch, &limits));
+        if out.send(decoding).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Decodes a batch in order; a message that fails comes back with its error for the DLQ.
+fn decode_batch(
+    batch: Vec<Consumed>,
+    limits: &Limits,
+) -> Vec<Result<Decoded, (Consumed, DecodeError)>> {
+    let started = Instant::now();
+    let out = batch
+        .into_iter()
+        .map(|msg| {
+            let result = match &msg.payload {
+                Some(p) => event::decode(p, msg.timestamp_ms, limits),
+                None => Err(DecodeError::new(
+                    DlqKind::InvalidJson,
+                    "message has no value",
+                )),
+            };
+            match result {
+                Ok(event) => Ok(Decoded { msg, event }),
+                Err(e) => Err((msg, e)),
+            }
+        })
+        .collect();
+    metrics::histogram!(names::STAGE_SECONDS, "stage" => "decode")
+        .record(started.elapsed().as_secs_f64());
+    out
 }
 
 /// A batch's LanceDB write, running while the next batch is prepared.
@@ -570,27 +627,4 @@ enum Failure {
     Aborted,
     /// Retrying cannot help: the messages involved go to the DLQ.
     Permanent(LanceError),
-}
-
-/// A stable seed from the request id (FNV-1a), mixed with the configured seed, within JSON's safe integers.
-pub fn derive_seed(request_id: &str, mix: u64) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in request_id.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    (h ^ mix) & event::MAX_SEED
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn derived_seeds_are_stable_and_bounded() {
-        assert_eq!(derive_seed("r-1", 0), derive_seed("r-1", 0));
-        assert_ne!(derive_seed("r-1", 0), derive_seed("r-2", 0));
-        assert_ne!(derive_seed("r-1", 0), derive_seed("r-1", 1));
-        assert!(derive_seed("anything", u64::MAX) <= event::MAX_SEED);
-    }
 }
