@@ -269,12 +269,21 @@ impl Default for GenerateConfig {
 pub struct ModelsConfig {
     /// Embedding dimension of items, interactions and preferences.
     pub dim: usize,
-    /// `none`: items must carry an embedding.
+    /// `none`: items must carry an embedding; `minilm`: items without one are embedded by their
+    /// text with all-MiniLM-L6-v2 (needs `dim` = 384 and the weights in `minilm_dir`); `emoji`:
+    /// by image and text with the EmojiStyle encoder in `encoder_dir` (`dim` = 416).
     pub encoder: String,
+    /// Bundle of the `emoji` encoder (`ragar train encoder` writes `models/emoji-encoder`).
+    pub encoder_dir: PathBuf,
+    /// Directory of the MiniLM weights (`ragar data fetch --only minilm` fills `data/models/all-MiniLM-L6-v2`).
+    pub minilm_dir: PathBuf,
     /// `passthrough`: publish the reference itself (the no-personalization baseline).
     pub generator: String,
-    /// `cosine`: personalization and fidelity as embedding cosines (the feature-consistency baseline).
+    /// `cosine`: personalization and fidelity as embedding cosines (the feature-consistency baseline);
+    /// `learned`: the ranker bundle in `ranker_dir` (needs `encoder = "emoji"`).
     pub ranker: String,
+    /// Bundle of the `learned` ranker (`ragar train ranker` writes `models/ranker`).
+    pub ranker_dir: PathBuf,
     /// Share of personalization in the ranker's total score; the rest is fidelity.
     pub personalization_weight: f32,
 }
@@ -284,8 +293,11 @@ impl Default for ModelsConfig {
         ModelsConfig {
             dim: 384,
             encoder: "none".into(),
+            encoder_dir: PathBuf::from("models/emoji-encoder"),
+            minilm_dir: PathBuf::from("data").join(crate::model::minilm::MINILM_DIR),
             generator: "passthrough".into(),
             ranker: "cosine".into(),
+            ranker_dir: PathBuf::from("models/ranker"),
             personalization_weight: 0.5,
         }
     }

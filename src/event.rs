@@ -26,6 +26,16 @@ pub const MAX_CANDIDATES: u32 = 16;
 /// Largest seed accepted: seeds travel through JSON, whose safe integers end here.
 pub const MAX_SEED: u64 = (1 << 53) - 1;
 
+/// A stable seed from the request id (FNV-1a), mixed with the configured seed, within JSON's safe integers.
+pub fn derive_seed(request_id: &str, mix: u64) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in request_id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h ^ mix) & MAX_SEED
+}
+
 /// What a user did with an item.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -601,6 +611,14 @@ pub fn normalize_image(bytes: &[u8], max_pixels: u64) -> Result<Arc<[u8]>, Decod
 mod tests {
     use super::*;
 
+    #[test]
+    fn derived_seeds_are_stable_and_bounded() {
+        assert_eq!(derive_seed("r-1", 0), derive_seed("r-1", 0));
+        assert_ne!(derive_seed("r-1", 0), derive_seed("r-2", 0));
+        assert_ne!(derive_seed("r-1", 0), derive_seed("r-1", 1));
+        assert!(derive_seed("anything", u64::MAX) <= MAX_SEED);
+    }
+
     fn limits() -> Limits {
         Limits::for_dim(4)
     }
@@ -620,6 +638,25 @@ mod tests {
 
     fn kind_of(s: &str) -> DlqKind {
         decode_str(s).unwrap_err().kind
+    }
+
+    #[test]
+    fn embedding_odd_forms() {
+        let escaped = r#"{"schema":"ragar.event.v1","type":"interaction","event_id":"e","user_id":"u","item_id":"i","action":"like","embe\u0064ding":[1,2,3,4]}"#;
+        match decode_str(escaped).unwrap() {
+            Event::Interaction(ev) => assert_eq!(&ev.embedding.unwrap()[..], &[1.0, 2.0, 3.0, 4.0]),
+            other => panic!("{other:?}"),
+        }
+        let wrong = r#"{"schema":"ragar.event.v1","type":"interaction","event_id":"e","user_id":"u","item_id":"i","action":"like","embedding":"1,2"}"#;
+        let e = decode_str(wrong).unwrap_err();
+        assert_eq!(e.kind, DlqKind::Schema, "{e:?}");
+        let huge = r#"{"schema":"ragar.event.v1","type":"interaction","event_id":"e","user_id":"u","item_id":"i","action":"like","embedding":[1,2,3,1e400]}"#;
+        assert_eq!(decode_str(huge).unwrap_err().kind, DlqKind::NonFinite);
+        let null = r#"{"schema":"ragar.event.v1","type":"interaction","event_id":"e","user_id":"u","item_id":"i","action":"like","embedding":null}"#;
+        match decode_str(null).unwrap() {
+            Event::Interaction(ev) => assert!(ev.embedding.is_none()),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

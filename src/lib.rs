@@ -15,10 +15,14 @@
 //!
 //! [`worker`] wires these together; [`config`] loads the settings; [`telemetry`] exports metrics,
 //! health and logs; [`broker`] runs an in-process Kafka for trying it all out.
+//!
+//! Offline, [`data`] builds the EmojiStyle evaluation set and simulates its users, [`train`]
+//! trains the models behind the [`model`] traits on it, and [`eval`] measures them.
 
 pub mod broker;
 pub mod config;
 pub mod data;
+pub mod eval;
 pub mod event;
 #[cfg(feature = "lance")]
 pub mod generate;
@@ -29,5 +33,6 @@ pub mod offsets;
 pub mod preference;
 pub mod publish;
 pub mod telemetry;
+pub mod train;
 #[cfg(feature = "lance")]
 pub mod worker;

