@@ -42,6 +42,40 @@ pub struct Accuracy {
     pub displays: usize,
 }
 
+/// Counts right answers by user kind.
+#[derive(Debug, Default)]
+struct Tally {
+    cd_ok: usize,
+    cd_n: usize,
+    g_ok: usize,
+    g_n: usize,
+}
+
+impl Tally {
+    fn add(&mut self, kind: UserKind, ok: bool) {
+        match kind {
+            UserKind::CategoryDependent => {
+                self.cd_n += 1;
+                self.cd_ok += ok as usize;
+            }
+            UserKind::Global => {
+                self.g_n += 1;
+                self.g_ok += ok as usize;
+            }
+        }
+    }
+
+    fn accuracy(&self) -> Accuracy {
+        let rate = |ok: usize, n: usize| if n == 0 { 0.0 } else { ok as f32 / n as f32 };
+        Accuracy {
+            category_dependent: rate(self.cd_ok, self.cd_n),
+            global: rate(self.g_ok, self.g_n),
+            all: rate(self.cd_ok + self.g_ok, self.cd_n + self.g_n),
+            displays: self.cd_n + self.g_n,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct PreferenceReport {
     pub encoder: String,
@@ -106,11 +140,15 @@ pub fn embed_items(
     with_text: bool,
 ) -> anyhow::Result<HashMap<String, Arc<[f32]>>> {
     let res = encoder.config().resolution;
-    let res = if manifest.resolutions.contains(&res) { res } else { crate::data::BASE_RESOLUTION };
+    let res = if manifest.resolutions.contains(&res) {
+        res
+    } else {
+        crate::data::BASE_RESOLUTION
+    };
     let names: HashMap<&str, String> = manifest
         .emoji
         .iter()
-        .map(|e| (e.id.as_str(), e.name.to_lowercase()))
+        .map(|e| (e.id.as_str(), crate::data::simulate::item_text(e)))
         .collect();
     let mut out = HashMap::with_capacity(ids.len());
     for chunk in ids.chunks(128) {
@@ -118,7 +156,8 @@ pub fn embed_items(
         for id in chunk {
             let (vendor, emoji) = id.split_once('.').context("item ids are vendor.emoji")?;
             let path = manifest.image_path(data_dir, vendor, res, emoji);
-            let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
             images.push(Image::from_png(&bytes)?);
         }
         let batch: Vec<(Option<&Image>, Option<&str>)> = chunk
@@ -144,26 +183,25 @@ pub fn histories<'a>(
 ) -> HashMap<&'a str, Vec<HistoryEntry>> {
     let mut histories: HashMap<&str, Vec<HistoryEntry>> = HashMap::new();
     for i in &sim.interactions {
-        histories.entry(i.user_id.as_str()).or_default().push(HistoryEntry {
-            event_id: i.event_id.clone(),
-            user_id: i.user_id.clone(),
-            item_id: i.item_id.clone(),
-            action: Action::parse(&i.action).unwrap_or(Action::View),
-            ts_ms: i.ts_ms,
-            embedding: items[&i.item_id].clone(),
-        });
+        histories
+            .entry(i.user_id.as_str())
+            .or_default()
+            .push(HistoryEntry {
+                event_id: i.event_id.clone(),
+                user_id: i.user_id.clone(),
+                item_id: i.item_id.clone(),
+                action: Action::parse(&i.action).unwrap_or(Action::View),
+                ts_ms: i.ts_ms,
+                embedding: items[&i.item_id].clone(),
+            });
     }
     histories
 }
 
-fn accuracy(
-    sim: &Simulation,
-    emb: &Embedded,
-    params: &Params,
-) -> Accuracy {
+fn accuracy(sim: &Simulation, emb: &Embedded, params: &Params) -> Accuracy {
     let histories = histories(sim, &emb.items);
     let dim = emb.items.values().next().map_or(0, |e| e.len());
-    let (mut cd_ok, mut cd_n, mut g_ok, mut g_n) = (0usize, 0usize, 0usize, 0usize);
+    let mut tally = Tally::default();
     let empty = Vec::new();
     for d in &sim.displays {
         let history = histories.get(d.user_id.as_str()).unwrap_or(&empty);
@@ -172,24 +210,9 @@ fn accuracy(
         let predicted = preference::preference_vector(history, &weighted, dim)
             .map(|p| nearest_vendor(&p[emb.style_from..], &emb.prototypes));
         let ok = predicted.as_deref() == Some(d.preferred_vendor.as_str());
-        match d.user_kind {
-            UserKind::CategoryDependent => {
-                cd_n += 1;
-                cd_ok += ok as usize;
-            }
-            UserKind::Global => {
-                g_n += 1;
-                g_ok += ok as usize;
-            }
-        }
+        tally.add(d.user_kind, ok);
     }
-    let rate = |ok: usize, n: usize| if n == 0 { 0.0 } else { ok as f32 / n as f32 };
-    Accuracy {
-        category_dependent: rate(cd_ok, cd_n),
-        global: rate(g_ok, g_n),
-        all: rate(cd_ok + g_ok, cd_n + g_n),
-        displays: cd_n + g_n,
-    }
+    tally.accuracy()
 }
 
 /// Pairs for the ranker's pairwise loss, from interaction logs: for each engaged interaction
@@ -216,7 +239,13 @@ pub fn ranker_pairs(
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let hist = histories(sim, full);
     let dim = full.values().next().map_or(0, |e| e.len());
-    let mut out = Pairs { preference: Vec::new(), positive: Vec::new(), negative: Vec::new(), n: 0, dim };
+    let mut out = Pairs {
+        preference: Vec::new(),
+        positive: Vec::new(),
+        negative: Vec::new(),
+        n: 0,
+        dim,
+    };
     let mut users: Vec<&&str> = hist.keys().collect();
     users.sort();
     for user in users {
@@ -225,13 +254,26 @@ pub fn ranker_pairs(
             if matches!(entry.action, Action::View | Action::Dislike) {
                 continue;
             }
-            let Some((vendor, emoji)) = entry.item_id.split_once('.') else { continue };
+            let Some((vendor, emoji)) = entry.item_id.split_once('.') else {
+                continue;
+            };
             let others: Vec<&String> = sim.vendors.iter().filter(|v| *v != vendor).collect();
-            let negative = crate::data::simulate::item_id(others[rng.random_range(0..others.len())], emoji);
-            let shown = crate::data::simulate::item_id(&sim.vendors[rng.random_range(0..sim.vendors.len())], emoji);
-            let rest: Vec<HistoryEntry> = h.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, e)| e.clone()).collect();
+            let negative =
+                crate::data::simulate::item_id(others[rng.random_range(0..others.len())], emoji);
+            let shown = crate::data::simulate::item_id(
+                &sim.vendors[rng.random_range(0..sim.vendors.len())],
+                emoji,
+            );
+            let rest: Vec<HistoryEntry> = h
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, e)| e.clone())
+                .collect();
             let weighted = preference::weigh(&full[&shown], &rest, entry.ts_ms, params);
-            let Some(p) = preference::preference_vector(&rest, &weighted, dim) else { continue };
+            let Some(p) = preference::preference_vector(&rest, &weighted, dim) else {
+                continue;
+            };
             out.preference.extend(p);
             out.positive.extend(image_only[&entry.item_id].iter());
             out.negative.extend(image_only[&negative].iter());
@@ -253,7 +295,7 @@ pub fn best_of_vendors(
     let hist = histories(sim, full);
     let dim = full.values().next().map_or(0, |e| e.len());
     let empty = Vec::new();
-    let (mut cd_ok, mut cd_n, mut g_ok, mut g_n) = (0usize, 0usize, 0usize, 0usize);
+    let mut tally = Tally::default();
     for d in &sim.displays {
         let h = hist.get(d.user_id.as_str()).unwrap_or(&empty);
         let reference = &full[&d.item_id];
@@ -271,24 +313,9 @@ pub fn best_of_vendors(
             .max_by(|a, b| a.1.total_cmp(b.1))
             .map(|(i, _)| sim.vendors[i].as_str());
         let ok = best == Some(d.preferred_vendor.as_str());
-        match d.user_kind {
-            UserKind::CategoryDependent => {
-                cd_n += 1;
-                cd_ok += ok as usize;
-            }
-            UserKind::Global => {
-                g_n += 1;
-                g_ok += ok as usize;
-            }
-        }
+        tally.add(d.user_kind, ok);
     }
-    let rate = |ok: usize, n: usize| if n == 0 { 0.0 } else { ok as f32 / n as f32 };
-    Accuracy {
-        category_dependent: rate(cd_ok, cd_n),
-        global: rate(g_ok, g_n),
-        all: rate(cd_ok + g_ok, cd_n + g_n),
-        displays: cd_n + g_n,
-    }
+    tally.accuracy()
 }
 
 /// Pairwise AUC: the share of pairs whose positive outscores its negative (ties count half).
@@ -297,7 +324,15 @@ pub fn pairwise_auc(positive: &[f32], negative: &[f32]) -> f32 {
     positive
         .iter()
         .zip(negative)
-        .map(|(p, q)| if p > q { 1.0 } else if p == q { 0.5 } else { 0.0 })
+        .map(|(p, q)| {
+            if p > q {
+                1.0
+            } else if p == q {
+                0.5
+            } else {
+                0.0
+            }
+        })
         .sum::<f32>()
         / n
 }
@@ -317,14 +352,27 @@ pub fn generation_rows(
 ) -> anyhow::Result<(JudgeAccuracy, Vec<GenerationRow>)> {
     use crate::model::GenerationRequest;
     let res = judge.config().resolution;
-    let res = if manifest.resolutions.contains(&res) { res } else { crate::data::BASE_RESOLUTION };
+    let res = if manifest.resolutions.contains(&res) {
+        res
+    } else {
+        crate::data::BASE_RESOLUTION
+    };
     let test: Vec<&crate::data::EmojiEntry> = manifest.split(Split::Test).collect();
     let names: Vec<String> = test.iter().map(|e| e.name.to_lowercase()).collect();
     let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let name_emb = judge.embed_texts(&name_refs)?;
-    let index: HashMap<&str, usize> = test.iter().enumerate().map(|(i, e)| (e.id.as_str(), i)).collect();
-    let vendor_index: HashMap<&str, usize> =
-        judge.config().vendors.iter().enumerate().map(|(i, v)| (v.as_str(), i)).collect();
+    let index: HashMap<&str, usize> = test
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.id.as_str(), i))
+        .collect();
+    let vendor_index: HashMap<&str, usize> = judge
+        .config()
+        .vendors
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v.as_str(), i))
+        .collect();
     let recognize = |content: &[f32]| -> usize {
         name_emb
             .iter()
@@ -335,10 +383,16 @@ pub fn generation_rows(
     let load = |id: &str| -> anyhow::Result<Image> {
         let (vendor, emoji) = id.split_once('.').context("item ids are vendor.emoji")?;
         let path = manifest.image_path(data_dir, vendor, res, emoji);
-        Ok(Image::from_png(&std::fs::read(&path).with_context(|| path.display().to_string())?)?)
+        Ok(Image::from_png(
+            &std::fs::read(&path).with_context(|| path.display().to_string())?,
+        )?)
     };
     // The judges on the ground truth.
-    let truths: Vec<Image> = sim.displays.iter().map(|d| load(&d.truth_item_id)).collect::<anyhow::Result<_>>()?;
+    let truths: Vec<Image> = sim
+        .displays
+        .iter()
+        .map(|d| load(&d.truth_item_id))
+        .collect::<anyhow::Result<_>>()?;
     let (mut style_ok, mut id_ok) = (0usize, 0usize);
     for (chunk_d, chunk_i) in sim.displays.chunks(128).zip(truths.chunks(128)) {
         let refs: Vec<&Image> = chunk_i.iter().collect();
@@ -349,7 +403,11 @@ pub fn generation_rows(
         }
     }
     let n = sim.displays.len().max(1) as f32;
-    let judge_acc = JudgeAccuracy { style: style_ok as f32 / n, identity: id_ok as f32 / n, images: sim.displays.len() };
+    let judge_acc = JudgeAccuracy {
+        style: style_ok as f32 / n,
+        identity: id_ok as f32 / n,
+        images: sim.displays.len(),
+    };
 
     let hist = histories(sim, items);
     let empty = Vec::new();
@@ -357,7 +415,7 @@ pub fn generation_rows(
     let cancel = tokio_util::sync::CancellationToken::new();
     let mut rows = Vec::new();
     for (name, generator) in generators {
-        let (mut cd_ok, mut cd_n, mut g_ok, mut g_n, mut id_ok) = (0usize, 0usize, 0usize, 0usize, 0usize);
+        let (mut tally, mut id_ok) = (Tally::default(), 0usize);
         let mut seconds = 0f64;
         for d in &sim.displays {
             let h = hist.get(d.user_id.as_str()).unwrap_or(&empty);
@@ -376,28 +434,15 @@ pub fn generation_rows(
             let (vendors, contents) = judge.judge(&[image])?;
             let style_right = vendor_index.get(d.preferred_vendor.as_str()) == Some(&vendors[0]);
             id_ok += (index.get(d.emoji_id.as_str()) == Some(&recognize(&contents[0]))) as usize;
-            match d.user_kind {
-                UserKind::CategoryDependent => {
-                    cd_n += 1;
-                    cd_ok += style_right as usize;
-                }
-                UserKind::Global => {
-                    g_n += 1;
-                    g_ok += style_right as usize;
-                }
-            }
+            tally.add(d.user_kind, style_right);
         }
-        let rate = |ok: usize, n: usize| if n == 0 { 0.0 } else { ok as f32 / n as f32 };
+        let style = tally.accuracy();
+        let n = style.displays.max(1);
         rows.push(GenerationRow {
             name: name.to_string(),
-            style: Accuracy {
-                category_dependent: rate(cd_ok, cd_n),
-                global: rate(g_ok, g_n),
-                all: rate(cd_ok + g_ok, cd_n + g_n),
-                displays: cd_n + g_n,
-            },
-            identity: rate(id_ok, cd_n + g_n),
-            seconds_per_image: (seconds / (cd_n + g_n).max(1) as f64) as f32,
+            style,
+            identity: id_ok as f32 / n as f32,
+            seconds_per_image: (seconds / n as f64) as f32,
         });
     }
     Ok((judge_acc, rows))
@@ -421,7 +466,13 @@ pub fn run(
     judge: Option<&EmojiEncoder>,
 ) -> anyhow::Result<PreferenceReport> {
     let manifest = Manifest::load(&opts.data_dir)?;
-    let val_sim = simulate(&manifest, &SimConfig { display_split: Split::Val, ..opts.sim.clone() })?;
+    let val_sim = simulate(
+        &manifest,
+        &SimConfig {
+            display_split: Split::Val,
+            ..opts.sim.clone()
+        },
+    )?;
     let test_sim = simulate(
         &manifest,
         &SimConfig {
@@ -437,6 +488,12 @@ pub fn run(
     for e in manifest.split(Split::Train) {
         for v in &vendors {
             ids.push(crate::data::simulate::item_id(v, &e.id));
+        }
+    }
+    // Every vendor's drawing of each display's emoji: the candidates of best-of-vendors.
+    for d in val_sim.displays.iter().chain(&test_sim.displays) {
+        for v in &vendors {
+            ids.push(crate::data::simulate::item_id(v, &d.emoji_id));
         }
     }
     ids.sort_unstable();
@@ -456,14 +513,26 @@ pub fn run(
             (v.clone(), sum)
         })
         .collect();
-    let emb = Embedded { items, prototypes, style_from };
+    let emb = Embedded {
+        items,
+        prototypes,
+        style_from,
+    };
 
     let base = Params::from_config(&crate::config::PreferenceConfig::default());
-    let uniform = Params { mode: WeightingMode::Uniform, ..base.clone() };
+    let uniform = Params {
+        mode: WeightingMode::Uniform,
+        ..base.clone()
+    };
     let mut sweep = Vec::new();
     for &k in &opts.ks {
         for &tau in &opts.taus {
-            let p = Params { mode: WeightingMode::Retrieval, k, tau, ..base.clone() };
+            let p = Params {
+                mode: WeightingMode::Retrieval,
+                k,
+                tau,
+                ..base.clone()
+            };
             sweep.push((k, tau, accuracy(&val_sim, &emb, &p).category_dependent));
         }
     }
@@ -471,12 +540,23 @@ pub fn run(
         .iter()
         .max_by(|a, b| a.2.total_cmp(&b.2).then(b.0.cmp(&a.0)))
         .context("the k/τ grid is empty")?;
-    let retrieval = Params { mode: WeightingMode::Retrieval, k, tau, ..base };
+    let retrieval = Params {
+        mode: WeightingMode::Retrieval,
+        k,
+        tau,
+        ..base
+    };
     let ranker_eval = match ranker {
         None => None,
         Some(r) => {
             let image_only = embed_items(encoder, &manifest, &opts.data_dir, &ids, false)?;
-            let pairs = ranker_pairs(&test_sim, &emb.items, &image_only, &retrieval, opts.sim.seed);
+            let pairs = ranker_pairs(
+                &test_sim,
+                &emb.items,
+                &image_only,
+                &retrieval,
+                opts.sim.seed,
+            );
             let (mut pos, mut neg) = (Vec::with_capacity(pairs.n), Vec::with_capacity(pairs.n));
             for i in 0..pairs.n {
                 let at = |v: &[f32]| v[i * pairs.dim..(i + 1) * pairs.dim].to_vec();
@@ -486,18 +566,33 @@ pub fn run(
                 neg.push(s[1]);
             }
             let learned = |p: &[f32], reference: &[f32], c: &[Vec<f32>]| -> Vec<f32> {
-                r.totals(p, reference, c).unwrap_or_else(|_| vec![0.0; c.len()])
+                r.totals(p, reference, c)
+                    .unwrap_or_else(|_| vec![0.0; c.len()])
             };
             let w = r.config().personalization_weight;
             let cosine_total = |p: &[f32], reference: &[f32], c: &[Vec<f32>]| -> Vec<f32> {
-                c.iter().map(|c| w * cosine(c, p) + (1.0 - w) * cosine(c, reference)).collect()
+                c.iter()
+                    .map(|c| w * cosine(c, p) + (1.0 - w) * cosine(c, reference))
+                    .collect()
             };
             Some(RankerEval {
                 version: r.version().to_string(),
                 auc: pairwise_auc(&pos, &neg),
                 pairs: pairs.n,
-                best_of_vendors: best_of_vendors(&test_sim, &emb.items, &image_only, &retrieval, &learned),
-                cosine_best_of_vendors: best_of_vendors(&test_sim, &emb.items, &image_only, &retrieval, &cosine_total),
+                best_of_vendors: best_of_vendors(
+                    &test_sim,
+                    &emb.items,
+                    &image_only,
+                    &retrieval,
+                    &learned,
+                ),
+                cosine_best_of_vendors: best_of_vendors(
+                    &test_sim,
+                    &emb.items,
+                    &image_only,
+                    &retrieval,
+                    &cosine_total,
+                ),
             })
         }
     };
@@ -511,7 +606,10 @@ pub fn run(
                 &emb.items,
                 &retrieval,
                 j,
-                &[("no personalization (reference passed through)", &passthrough)],
+                &[(
+                    "no personalization (reference passed through)",
+                    &passthrough,
+                )],
             )?;
             (Some(acc), rows)
         }
@@ -556,9 +654,19 @@ pub fn markdown(r: &PreferenceReport) -> String {
         100.0 * r.sim.noise,
         r.sim.seed
     );
-    let _ = writeln!(s, "## Preference level: does the preference vector point at the user's vendor?\n");
-    let _ = writeln!(s, "Retrieval weighting uses k = {}, τ = {} (chosen on val).\n", r.k, r.tau);
-    let _ = writeln!(s, "| split | weighting | category-dependent users | global users | all | displays |");
+    let _ = writeln!(
+        s,
+        "## Preference level: does the preference vector point at the user's vendor?\n"
+    );
+    let _ = writeln!(
+        s,
+        "Retrieval weighting uses k = {}, τ = {} (chosen on val).\n",
+        r.k, r.tau
+    );
+    let _ = writeln!(
+        s,
+        "| split | weighting | category-dependent users | global users | all | displays |"
+    );
     let _ = writeln!(s, "|---|---|---|---|---|---|");
     for (split, name, a) in [
         ("test", "uniform", r.test_uniform),
@@ -587,10 +695,19 @@ pub fn markdown(r: &PreferenceReport) -> String {
             "Pairwise AUC on held-out interactions (engaged drawing vs the same emoji by another vendor): **{:.3}** over {} pairs.\n",
             rk.auc, rk.pairs
         );
-        let _ = writeln!(s, "Best of vendors: the ranker picks among the display's emoji drawn by every vendor.\n");
-        let _ = writeln!(s, "| ranker | category-dependent users | global users | all | displays |");
+        let _ = writeln!(
+            s,
+            "Best of vendors: the ranker picks among the display's emoji drawn by every vendor.\n"
+        );
+        let _ = writeln!(
+            s,
+            "| ranker | category-dependent users | global users | all | displays |"
+        );
         let _ = writeln!(s, "|---|---|---|---|---|");
-        for (name, a) in [("learned", rk.best_of_vendors), ("cosine baseline", rk.cosine_best_of_vendors)] {
+        for (name, a) in [
+            ("learned", rk.best_of_vendors),
+            ("cosine baseline", rk.cosine_best_of_vendors),
+        ] {
             let _ = writeln!(
                 s,
                 "| {name} | {} | {} | {} | {} |",
@@ -637,7 +754,9 @@ pub fn markdown(r: &PreferenceReport) -> String {
 }
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// The report as a standalone HTML page (the Markdown's tables, rendered).
@@ -697,7 +816,10 @@ mod tests {
 
     #[test]
     fn nearest_vendor_by_cosine() {
-        let protos = vec![("a".to_string(), vec![1.0, 0.0]), ("b".to_string(), vec![0.0, 3.0])];
+        let protos = vec![
+            ("a".to_string(), vec![1.0, 0.0]),
+            ("b".to_string(), vec![0.0, 3.0]),
+        ];
         assert_eq!(nearest_vendor(&[0.2, 0.9], &protos), "b");
         assert_eq!(nearest_vendor(&[0.9, 0.2], &protos), "a");
     }
@@ -714,7 +836,11 @@ mod tests {
         let mut m = crate::data::simulate::testdata::manifest();
         m.resolutions = vec![16];
         crate::data::simulate::testdata::write_images(&m, dir.path(), 16);
-        std::fs::write(crate::data::manifest_path(dir.path()), serde_json::to_vec(&m).unwrap()).unwrap();
+        std::fs::write(
+            crate::data::manifest_path(dir.path()),
+            serde_json::to_vec(&m).unwrap(),
+        )
+        .unwrap();
         let bundle = dir.path().join("enc");
         std::fs::create_dir_all(&bundle).unwrap();
         let cfg = EmojiEncoderConfig {
@@ -723,31 +849,56 @@ mod tests {
             ..EmojiEncoderConfig::new(m.vendor_names().map(str::to_string).collect(), 16)
         };
         let vm = VarMap::new();
-        EmojiNet::new(cfg.clone(), VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+        EmojiNet::new(
+            cfg.clone(),
+            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
         crate::train::seeded_init(&vm, 3).unwrap();
         vm.save(bundle.join("model.safetensors")).unwrap();
-        std::fs::write(bundle.join("config.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();
+        std::fs::write(
+            bundle.join("config.json"),
+            serde_json::to_vec(&cfg).unwrap(),
+        )
+        .unwrap();
         let encoder = EmojiEncoder::load(&bundle, None).unwrap();
         let opts = EvalOptions {
             data_dir: dir.path().to_path_buf(),
             out: dir.path().join("report"),
-            sim: SimConfig { users: 12, history: 20, displays: 2, ..SimConfig::default() },
+            sim: SimConfig {
+                users: 12,
+                history: 20,
+                displays: 2,
+                ..SimConfig::default()
+            },
             ks: vec![4, 8],
             taus: vec![0.1],
         };
         let r = run(&opts, &encoder, "tiny", None, None).unwrap();
         assert_eq!(r.sweep.len(), 2);
         assert_eq!(r.test_uniform.displays, 24);
-        for a in [r.val_uniform, r.val_retrieval, r.test_uniform, r.test_retrieval] {
+        for a in [
+            r.val_uniform,
+            r.val_retrieval,
+            r.test_uniform,
+            r.test_retrieval,
+        ] {
             assert!((0.0..=1.0).contains(&a.all));
         }
-        assert!(std::fs::read_to_string(opts.out.join("report.md")).unwrap().contains("| test | retrieval |"));
+        assert!(std::fs::read_to_string(opts.out.join("report.md"))
+            .unwrap()
+            .contains("| test | retrieval |"));
         assert!(opts.out.join("report.html").is_file());
     }
 
     #[test]
     fn reports_render_every_row() {
-        let a = Accuracy { category_dependent: 0.5, global: 0.9, all: 0.6, displays: 10 };
+        let a = Accuracy {
+            category_dependent: 0.5,
+            global: 0.9,
+            all: 0.6,
+            displays: 10,
+        };
         let r = PreferenceReport {
             encoder: "e".into(),
             k: 8,
@@ -756,7 +907,10 @@ mod tests {
             val_uniform: a,
             val_retrieval: a,
             test_uniform: a,
-            test_retrieval: Accuracy { category_dependent: 0.7, ..a },
+            test_retrieval: Accuracy {
+                category_dependent: 0.7,
+                ..a
+            },
             sim: SimConfig::default(),
             ranker: None,
             judge: None,

@@ -428,7 +428,10 @@ fn main() -> anyhow::Result<()> {
                     encoder.clone(),
                 )?)
             } else {
-                eprintln!("no ranker bundle in {}: its rows are left out", ranker_dir.display());
+                eprintln!(
+                    "no ranker bundle in {}: its rows are left out",
+                    ranker_dir.display()
+                );
                 None
             };
             let opts = ragar::eval::EvalOptions {
@@ -447,9 +450,15 @@ fn main() -> anyhow::Result<()> {
             let judge = if judge_dir.join("config.json").is_file() {
                 let text =
                     ragar::model::minilm::MiniLm::load(&minilm_dir, &candle_core::Device::Cpu)?;
-                Some(ragar::model::emoji::EmojiEncoder::load(&judge_dir, Some(text))?)
+                Some(ragar::model::emoji::EmojiEncoder::load(
+                    &judge_dir,
+                    Some(text),
+                )?)
             } else {
-                eprintln!("no judge bundle in {}: the generation rows are left out", judge_dir.display());
+                eprintln!(
+                    "no judge bundle in {}: the generation rows are left out",
+                    judge_dir.display()
+                );
                 None
             };
             let report = ragar::eval::run(
@@ -460,7 +469,11 @@ fn main() -> anyhow::Result<()> {
                 judge.as_ref(),
             )?;
             print!("{}", ragar::eval::markdown(&report));
-            println!("\nwritten: {}/report.md, {}/report.html", out.display(), out.display());
+            println!(
+                "\nwritten: {}/report.md, {}/report.html",
+                out.display(),
+                out.display()
+            );
         }
         Command::Broker { partitions } => {
             anyhow::ensure!(partitions > 0, "--partitions must be at least 1");

@@ -87,7 +87,8 @@ fn load_split(
     for e in entries {
         for v in &vendors {
             let path = manifest.image_path(data_dir, v, res, &e.id);
-            let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
             images.push(Image::from_png(&bytes).with_context(|| path.display().to_string())?);
         }
     }
@@ -123,7 +124,9 @@ pub fn seeded_init(varmap: &VarMap, seed: u64) -> candle_core::Result<()> {
         } else {
             let fan_in: usize = dims.iter().skip(1).product::<usize>().max(1);
             let bound = 1.0 / (fan_in as f32).sqrt();
-            (0..count).map(|_| rng.random_range(-bound..bound)).collect()
+            (0..count)
+                .map(|_| rng.random_range(-bound..bound))
+                .collect()
         };
         var.set(&Tensor::from_vec(values, dims, var.device())?)?;
     }
@@ -157,7 +160,11 @@ fn batch_loss(
 
 /// Val style accuracy (every drawing's vendor) and identity top-1 (each drawing's content against
 /// every val name).
-fn evaluate(net: &EmojiNet, split: &SplitData, n_vendors: usize) -> candle_core::Result<(f32, f32)> {
+fn evaluate(
+    net: &EmojiNet,
+    split: &SplitData,
+    n_vendors: usize,
+) -> candle_core::Result<(f32, f32)> {
     let total = split.n * n_vendors;
     let (mut style_ok, mut id_ok) = (0usize, 0usize);
     for start in (0..total).step_by(256) {
@@ -198,8 +205,22 @@ pub fn train_encoder(opts: &EncoderTraining) -> anyhow::Result<Vec<EpochStats>> 
     let (train_entries, val_entries) = (take(Split::Train), take(Split::Val));
     let vendors: Vec<String> = manifest.vendor_names().map(str::to_string).collect();
     let nv = vendors.len();
-    let train = load_split(&manifest, &opts.data_dir, &train_entries, opts.resolution, &minilm, &device)?;
-    let val = load_split(&manifest, &opts.data_dir, &val_entries, opts.resolution, &minilm, &device)?;
+    let train = load_split(
+        &manifest,
+        &opts.data_dir,
+        &train_entries,
+        opts.resolution,
+        &minilm,
+        &device,
+    )?;
+    let val = load_split(
+        &manifest,
+        &opts.data_dir,
+        &val_entries,
+        opts.resolution,
+        &minilm,
+        &device,
+    )?;
 
     let mut config = EmojiEncoderConfig::new(vendors, opts.resolution);
     config.provenance = format!(
@@ -214,7 +235,10 @@ pub fn train_encoder(opts: &EncoderTraining) -> anyhow::Result<Vec<EpochStats>> 
         config.vendors.join(",")
     );
     let mut varmap = VarMap::new();
-    let net = EmojiNet::new(config.clone(), VarBuilder::from_varmap(&varmap, DType::F32, &device))?;
+    let net = EmojiNet::new(
+        config.clone(),
+        VarBuilder::from_varmap(&varmap, DType::F32, &device),
+    )?;
     let ckpt = opts.out.join("checkpoint");
     let state_path = ckpt.join("state.json");
     let mut state = State {
@@ -226,10 +250,18 @@ pub fn train_encoder(opts: &EncoderTraining) -> anyhow::Result<Vec<EpochStats>> 
         state = serde_json::from_slice(&std::fs::read(&state_path)?)
             .with_context(|| state_path.display().to_string())?;
         if state.seed != opts.seed {
-            bail!("the checkpoint in {} was trained with seed {}, not {}", ckpt.display(), state.seed, opts.seed);
+            bail!(
+                "the checkpoint in {} was trained with seed {}, not {}",
+                ckpt.display(),
+                state.seed,
+                opts.seed
+            );
         }
         varmap.load(ckpt.join("model.safetensors"))?;
-        tracing::info!(epochs_done = state.epochs_done, "resuming from the checkpoint");
+        tracing::info!(
+            epochs_done = state.epochs_done,
+            "resuming from the checkpoint"
+        );
     } else {
         seeded_init(&varmap, opts.seed)?;
     }
@@ -250,7 +282,9 @@ pub fn train_encoder(opts: &EncoderTraining) -> anyhow::Result<Vec<EpochStats>> 
     } else {
         ProgressBar::hidden()
     };
-    if let Ok(style) = ProgressStyle::with_template("{spinner} train encoder [{bar:30}] {pos}/{len} {msg}") {
+    if let Ok(style) =
+        ProgressStyle::with_template("{spinner} train encoder [{bar:30}] {pos}/{len} {msg}")
+    {
         bar.set_style(style);
     }
     let curves_path = opts.out.join("curves.csv");
@@ -264,7 +298,10 @@ pub fn train_encoder(opts: &EncoderTraining) -> anyhow::Result<Vec<EpochStats>> 
                 if chunk.len() < 2 {
                     continue;
                 }
-                let vendor_of: Vec<u32> = chunk.iter().map(|_| rng.random_range(0..nv as u32)).collect();
+                let vendor_of: Vec<u32> = chunk
+                    .iter()
+                    .map(|_| rng.random_range(0..nv as u32))
+                    .collect();
                 let loss = batch_loss(&net, &train, chunk, &vendor_of, nv, &device)?;
                 opt.backward_step(&loss)?;
                 loss_sum += loss.to_scalar::<f32>()?;
@@ -291,7 +328,10 @@ pub fn train_encoder(opts: &EncoderTraining) -> anyhow::Result<Vec<EpochStats>> 
     }
     bar.finish();
     varmap.save(opts.out.join("model.safetensors"))?;
-    std::fs::write(opts.out.join("config.json"), serde_json::to_vec_pretty(&config)?)?;
+    std::fs::write(
+        opts.out.join("config.json"),
+        serde_json::to_vec_pretty(&config)?,
+    )?;
     write_curves(&curves_path, &state.curves)?;
     Ok(state.curves)
 }
@@ -353,11 +393,26 @@ pub fn train_ranker(opts: &RankerTraining) -> anyhow::Result<Vec<RankerEpoch>> {
 
     let device = Device::Cpu;
     let manifest = Manifest::load(&opts.data_dir)?;
-    let encoder = EmojiEncoder::load(&opts.encoder_dir, Some(MiniLm::load(&opts.minilm_dir, &device)?))?;
-    let train_sim = simulate(&manifest, &SimConfig { users: opts.users, seed: opts.seed, ..SimConfig::default() })?;
+    let encoder = EmojiEncoder::load(
+        &opts.encoder_dir,
+        Some(MiniLm::load(&opts.minilm_dir, &device)?),
+    )?;
+    let train_sim = simulate(
+        &manifest,
+        &SimConfig {
+            users: opts.users,
+            seed: opts.seed,
+            ..SimConfig::default()
+        },
+    )?;
     let held_sim = simulate(
         &manifest,
-        &SimConfig { users: (opts.users / 2).max(1), seed: opts.seed.wrapping_add(1000), display_split: Split::Val, ..SimConfig::default() },
+        &SimConfig {
+            users: (opts.users / 2).max(1),
+            seed: opts.seed.wrapping_add(1000),
+            display_split: Split::Val,
+            ..SimConfig::default()
+        },
     )?;
     let mut ids: Vec<String> = Vec::new();
     for e in &manifest.emoji {
@@ -365,43 +420,90 @@ pub fn train_ranker(opts: &RankerTraining) -> anyhow::Result<Vec<RankerEpoch>> {
             ids.push(crate::data::simulate::item_id(v, &e.id));
         }
     }
-    tracing::info!(items = ids.len(), "embedding every drawing (with and without its name)");
+    tracing::info!(
+        items = ids.len(),
+        "embedding every drawing (with and without its name)"
+    );
     let full = embed_items(&encoder, &manifest, &opts.data_dir, &ids, true)?;
     let image_only = embed_items(&encoder, &manifest, &opts.data_dir, &ids, false)?;
     let params = Params::from_config(&crate::config::PreferenceConfig::default());
     let train_pairs = ranker_pairs(&train_sim, &full, &image_only, &params, opts.seed);
-    let held_pairs = ranker_pairs(&held_sim, &full, &image_only, &params, opts.seed.wrapping_add(1));
+    let held_pairs = ranker_pairs(
+        &held_sim,
+        &full,
+        &image_only,
+        &params,
+        opts.seed.wrapping_add(1),
+    );
     if train_pairs.n == 0 {
         bail!("the simulated logs gave no training pairs");
     }
     let dim = train_pairs.dim;
     let t = |v: &[f32], n: usize| Tensor::from_slice(v, (n, dim), &device);
-    let (tp, tpos, tneg) = (t(&train_pairs.preference, train_pairs.n)?, t(&train_pairs.positive, train_pairs.n)?, t(&train_pairs.negative, train_pairs.n)?);
-    let (hp, hpos, hneg) = (t(&held_pairs.preference, held_pairs.n)?, t(&held_pairs.positive, held_pairs.n)?, t(&held_pairs.negative, held_pairs.n)?);
+    let (tp, tpos, tneg) = (
+        t(&train_pairs.preference, train_pairs.n)?,
+        t(&train_pairs.positive, train_pairs.n)?,
+        t(&train_pairs.negative, train_pairs.n)?,
+    );
+    let (hp, hpos, hneg) = (
+        t(&held_pairs.preference, held_pairs.n)?,
+        t(&held_pairs.positive, held_pairs.n)?,
+        t(&held_pairs.negative, held_pairs.n)?,
+    );
 
     let mut config = RankerConfig::new(dim);
     config.provenance = format!(
         "ragar train ranker --users {} --epochs {} --batch {} --lr {} --seed {} (encoder {})",
-        opts.users, opts.epochs, opts.batch, opts.lr, opts.seed, opts.encoder_dir.display()
+        opts.users,
+        opts.epochs,
+        opts.batch,
+        opts.lr,
+        opts.seed,
+        opts.encoder_dir.display()
     );
     let mut varmap = VarMap::new();
-    let net = RankerNet::new(config.clone(), VarBuilder::from_varmap(&varmap, DType::F32, &device))?;
+    let net = RankerNet::new(
+        config.clone(),
+        VarBuilder::from_varmap(&varmap, DType::F32, &device),
+    )?;
     let ckpt = opts.out.join("checkpoint");
     let state_path = ckpt.join("state.json");
-    let mut state = RankerState { epochs_done: 0, seed: opts.seed, curves: Vec::new() };
+    let mut state = RankerState {
+        epochs_done: 0,
+        seed: opts.seed,
+        curves: Vec::new(),
+    };
     if opts.resume && state_path.is_file() {
         state = serde_json::from_slice(&std::fs::read(&state_path)?)?;
         if state.seed != opts.seed {
-            bail!("the checkpoint in {} was trained with seed {}, not {}", ckpt.display(), state.seed, opts.seed);
+            bail!(
+                "the checkpoint in {} was trained with seed {}, not {}",
+                ckpt.display(),
+                state.seed,
+                opts.seed
+            );
         }
         varmap.load(ckpt.join("model.safetensors"))?;
     } else {
         seeded_init(&varmap, opts.seed)?;
     }
     std::fs::create_dir_all(&ckpt)?;
-    let mut opt = AdamW::new(varmap.all_vars(), ParamsAdamW { lr: opts.lr, weight_decay: 1e-4, ..Default::default() })?;
-    let bar = if opts.progress { ProgressBar::new(opts.epochs.saturating_sub(state.epochs_done) as u64) } else { ProgressBar::hidden() };
-    if let Ok(style) = ProgressStyle::with_template("{spinner} train ranker [{bar:30}] {pos}/{len} {msg}") {
+    let mut opt = AdamW::new(
+        varmap.all_vars(),
+        ParamsAdamW {
+            lr: opts.lr,
+            weight_decay: 1e-4,
+            ..Default::default()
+        },
+    )?;
+    let bar = if opts.progress {
+        ProgressBar::new(opts.epochs.saturating_sub(state.epochs_done) as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    if let Ok(style) =
+        ProgressStyle::with_template("{spinner} train ranker [{bar:30}] {pos}/{len} {msg}")
+    {
         bar.set_style(style);
     }
     let curves_path = opts.out.join("curves.csv");
@@ -413,7 +515,12 @@ pub fn train_ranker(opts: &RankerTraining) -> anyhow::Result<Vec<RankerEpoch>> {
         let (mut loss_sum, mut steps) = (0f32, 0usize);
         for chunk in order.chunks(batch) {
             let idx = Tensor::new(chunk, &device)?;
-            let loss = pairwise_loss(&net, &tp.index_select(&idx, 0)?, &tpos.index_select(&idx, 0)?, &tneg.index_select(&idx, 0)?)?;
+            let loss = pairwise_loss(
+                &net,
+                &tp.index_select(&idx, 0)?,
+                &tpos.index_select(&idx, 0)?,
+                &tneg.index_select(&idx, 0)?,
+            )?;
             opt.backward_step(&loss)?;
             loss_sum += loss.to_scalar::<f32>()?;
             steps += 1;
@@ -426,7 +533,10 @@ pub fn train_ranker(opts: &RankerTraining) -> anyhow::Result<Vec<RankerEpoch>> {
             let pt = Tensor::from_slice(p, (1, dim), &device).and_then(|t| t.repeat((n, 1)));
             let ct = Tensor::from_vec(c.concat(), (n, dim), &device);
             match (pt, ct) {
-                (Ok(pt), Ok(ct)) => net.personalization(&pt, &ct).and_then(|s| s.to_vec1::<f32>()).unwrap_or_else(|_| vec![0.0; n]),
+                (Ok(pt), Ok(ct)) => net
+                    .personalization(&pt, &ct)
+                    .and_then(|s| s.to_vec1::<f32>())
+                    .unwrap_or_else(|_| vec![0.0; n]),
                 _ => vec![0.0; n],
             }
         };
@@ -437,7 +547,10 @@ pub fn train_ranker(opts: &RankerTraining) -> anyhow::Result<Vec<RankerEpoch>> {
             heldout_auc: auc,
             heldout_best_of_vendors: best.category_dependent,
         };
-        bar.set_message(format!("epoch {} loss {:.4} held-out AUC {:.3} best-of-vendors {:.3}", stats.epoch, stats.train_loss, auc, best.category_dependent));
+        bar.set_message(format!(
+            "epoch {} loss {:.4} held-out AUC {:.3} best-of-vendors {:.3}",
+            stats.epoch, stats.train_loss, auc, best.category_dependent
+        ));
         bar.inc(1);
         state.curves.push(stats);
         state.epochs_done = epoch + 1;
@@ -447,7 +560,10 @@ pub fn train_ranker(opts: &RankerTraining) -> anyhow::Result<Vec<RankerEpoch>> {
     }
     bar.finish();
     varmap.save(opts.out.join("model.safetensors"))?;
-    std::fs::write(opts.out.join("config.json"), serde_json::to_vec_pretty(&config)?)?;
+    std::fs::write(
+        opts.out.join("config.json"),
+        serde_json::to_vec_pretty(&config)?,
+    )?;
     write_ranker_curves(&curves_path, &state.curves)?;
     Ok(state.curves)
 }
@@ -456,7 +572,11 @@ fn write_ranker_curves(path: &Path, curves: &[RankerEpoch]) -> anyhow::Result<()
     let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
     writeln!(f, "epoch,train_loss,heldout_auc,heldout_best_of_vendors")?;
     for c in curves {
-        writeln!(f, "{},{:.5},{:.4},{:.4}", c.epoch, c.train_loss, c.heldout_auc, c.heldout_best_of_vendors)?;
+        writeln!(
+            f,
+            "{},{:.5},{:.4},{:.4}",
+            c.epoch, c.train_loss, c.heldout_auc, c.heldout_best_of_vendors
+        )?;
     }
     f.flush()?;
     Ok(())
@@ -466,7 +586,11 @@ fn write_curves(path: &Path, curves: &[EpochStats]) -> anyhow::Result<()> {
     let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
     writeln!(f, "epoch,train_loss,val_style_acc,val_identity_top1")?;
     for c in curves {
-        writeln!(f, "{},{:.5},{:.4},{:.4}", c.epoch, c.train_loss, c.val_style_acc, c.val_identity_top1)?;
+        writeln!(
+            f,
+            "{},{:.5},{:.4},{:.4}",
+            c.epoch, c.train_loss, c.val_style_acc, c.val_identity_top1
+        )?;
     }
     f.flush()?;
     Ok(())
@@ -485,10 +609,18 @@ mod tests {
         };
         let weights = |seed| {
             let vm = VarMap::new();
-            EmojiNet::new(cfg.clone(), VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+            EmojiNet::new(
+                cfg.clone(),
+                VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+            )
+            .unwrap();
             seeded_init(&vm, seed).unwrap();
             let data = vm.data().lock().unwrap();
-            data["conv1.weight"].flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            data["conv1.weight"]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
         };
         assert_eq!(weights(1), weights(1));
         assert_ne!(weights(1), weights(2));
@@ -521,13 +653,26 @@ mod tests {
         }
         let t = |v: &[f32]| Tensor::from_slice(v, (64, 6), &device).unwrap();
         let (p, pos, neg) = (t(&p), t(&pos), t(&neg));
-        let mut opt = AdamW::new(vm.all_vars(), ParamsAdamW { lr: 1e-2, ..Default::default() }).unwrap();
-        let first = pairwise_loss(&net, &p, &pos, &neg).unwrap().to_scalar::<f32>().unwrap();
+        let mut opt = AdamW::new(
+            vm.all_vars(),
+            ParamsAdamW {
+                lr: 1e-2,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let first = pairwise_loss(&net, &p, &pos, &neg)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         for _ in 0..50 {
             let loss = pairwise_loss(&net, &p, &pos, &neg).unwrap();
             opt.backward_step(&loss).unwrap();
         }
-        let last = pairwise_loss(&net, &p, &pos, &neg).unwrap().to_scalar::<f32>().unwrap();
+        let last = pairwise_loss(&net, &p, &pos, &neg)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(last < 0.5 * first, "loss {first} -> {last}");
     }
 
@@ -555,29 +700,51 @@ mod tests {
                         base.map(|c| if stripe { c / 3 } else { c })
                     })
                     .collect();
-                images.push(Image { width: 8, height: 8, rgb });
+                images.push(Image {
+                    width: 8,
+                    height: 8,
+                    rgb,
+                });
             }
         }
         let refs: Vec<&Image> = images.iter().collect();
-        let text: Vec<f32> = (0..4 * 384).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let text: Vec<f32> = (0..4 * 384)
+            .map(|_| rng.random_range(-1.0f32..1.0))
+            .collect();
         let split = SplitData {
             images: images_to_tensor(&refs, 8, &device).unwrap(),
             text: l2_normalize(&Tensor::from_vec(text, (4, 384), &device).unwrap()).unwrap(),
             n: 4,
         };
-        let mut opt = AdamW::new(vm.all_vars(), ParamsAdamW { lr: 3e-3, ..Default::default() }).unwrap();
+        let mut opt = AdamW::new(
+            vm.all_vars(),
+            ParamsAdamW {
+                lr: 3e-3,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let emoji = [0u32, 1, 2, 3];
         let vendors = [0u32, 1, 1, 0];
-        let first = batch_loss(&net, &split, &emoji, &vendors, 2, &device).unwrap().to_scalar::<f32>().unwrap();
+        let first = batch_loss(&net, &split, &emoji, &vendors, 2, &device)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         let swapped = [1u32, 0, 0, 1];
         for step in 0..120 {
             let v = if step % 2 == 0 { &vendors } else { &swapped };
             let loss = batch_loss(&net, &split, &emoji, v, 2, &device).unwrap();
             opt.backward_step(&loss).unwrap();
         }
-        let last = batch_loss(&net, &split, &emoji, &vendors, 2, &device).unwrap().to_scalar::<f32>().unwrap();
+        let last = batch_loss(&net, &split, &emoji, &vendors, 2, &device)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(last < 0.5 * first, "loss {first} -> {last}");
         let (style, identity) = evaluate(&net, &split, 2).unwrap();
-        assert!(style >= 0.75 && identity >= 0.75, "style {style} identity {identity}");
+        assert!(
+            style >= 0.75 && identity >= 0.75,
+            "style {style} identity {identity}"
+        );
     }
 }

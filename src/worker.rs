@@ -65,12 +65,11 @@ impl Models {
         let encoder: Option<Arc<dyn ItemEncoder>> = match cfg.encoder.as_str() {
             "none" => None,
             "minilm" => {
-                let encoder = TextEncoder::load(&cfg.minilm_dir).map_err(|e| {
-                    ConfigError::Invalid {
+                let encoder =
+                    TextEncoder::load(&cfg.minilm_dir).map_err(|e| ConfigError::Invalid {
                         key: "models.minilm_dir".into(),
                         message: e.to_string(),
-                    }
-                })?;
+                    })?;
                 if encoder.dim() != cfg.dim {
                     return Err(ConfigError::Invalid {
                         key: "models.dim".into(),

@@ -127,6 +127,17 @@ pub struct Simulation {
     pub displays: Vec<SimDisplay>,
 }
 
+/// An item's catalog text: where it sits in the catalog, then its name
+/// (`smileys & emotion, face-smiling: grinning face`).
+pub fn item_text(e: &EmojiEntry) -> String {
+    format!(
+        "{}, {}: {}",
+        e.category.to_lowercase(),
+        e.subcategory,
+        e.name.to_lowercase()
+    )
+}
+
 /// The id of emoji `emoji_id` drawn by `vendor`.
 pub fn item_id(vendor: &str, emoji_id: &str) -> String {
     format!("{vendor}.{emoji_id}")
@@ -204,11 +215,7 @@ pub fn simulate(manifest: &Manifest, cfg: &SimConfig) -> Result<Simulation, Data
         } else {
             (1.0 - cfg.favourite_weight) / rest as f32
         };
-        let fav_share = if rest == 0 {
-            1.0
-        } else {
-            cfg.favourite_weight
-        };
+        let fav_share = if rest == 0 { 1.0 } else { cfg.favourite_weight };
         // Favourites get unequal shares: weights 1, 1/2, 1/3, ... normalized.
         let harmonic: f32 = (1..=favourites).map(|i| 1.0 / i as f32).sum();
         let mut interests = BTreeMap::new();
@@ -370,7 +377,7 @@ impl Simulation {
                 "event_id": format!("item-{id}"),
                 "item_id": id,
                 "ts": self.config.start_ts_ms,
-                "text": entry.name.to_lowercase(),
+                "text": item_text(entry),
                 "category": entry.category,
                 "image": { "base64": base64::engine::general_purpose::STANDARD.encode(&png) },
             }))?;
@@ -408,8 +415,11 @@ impl Simulation {
         truth.finish()?;
         let users = out.join(USERS_FILE);
         let body = serde_json::json!({ "config": self.config, "vendors": self.vendors, "users": self.users });
-        std::fs::write(&users, serde_json::to_vec_pretty(&body).expect("serializable"))
-            .map_err(|e| DataError::io("write", &users, e))
+        std::fs::write(
+            &users,
+            serde_json::to_vec_pretty(&body).expect("serializable"),
+        )
+        .map_err(|e| DataError::io("write", &users, e))
     }
 }
 
@@ -498,7 +508,12 @@ pub(crate) mod testdata {
                 let path = m.image_path(data_dir, v, res, &e.id);
                 std::fs::create_dir_all(path.parent().unwrap()).unwrap();
                 let bg = [[250u8, 250, 250, 255], [30, 30, 30, 255], [200, 40, 40, 0]][vi % 3];
-                let fg = [(ei * 37 % 256) as u8, (ei * 91 % 256) as u8, (ei * 13 % 256) as u8, 255];
+                let fg = [
+                    (ei * 37 % 256) as u8,
+                    (ei * 91 % 256) as u8,
+                    (ei * 13 % 256) as u8,
+                    255,
+                ];
                 let q = res / 4;
                 image::RgbaImage::from_fn(res, res, |x, y| {
                     let inside = x >= q && x < res - q && y >= q && y < res - q;
@@ -542,8 +557,15 @@ mod tests {
         assert_eq!(sim.users.len(), 40);
         assert_eq!(sim.interactions.len(), 40 * 30);
         assert_eq!(sim.displays.len(), 40 * 3);
-        let globals = sim.users.iter().filter(|u| u.kind == UserKind::Global).count();
-        assert!(globals > 0 && globals < 40, "both kinds drawn: {globals} global");
+        let globals = sim
+            .users
+            .iter()
+            .filter(|u| u.kind == UserKind::Global)
+            .count();
+        assert!(
+            globals > 0 && globals < 40,
+            "both kinds drawn: {globals} global"
+        );
         for u in &sim.users {
             let distinct: std::collections::BTreeSet<&String> = u.preferred.values().collect();
             if u.kind == UserKind::Global {
@@ -554,11 +576,19 @@ mod tests {
         }
         let by_user: BTreeMap<&str, &SimUser> =
             sim.users.iter().map(|u| (u.user_id.as_str(), u)).collect();
-        let by_id: BTreeMap<&str, &EmojiEntry> = m.emoji.iter().map(|e| (e.id.as_str(), e)).collect();
+        let by_id: BTreeMap<&str, &EmojiEntry> =
+            m.emoji.iter().map(|e| (e.id.as_str(), e)).collect();
         for d in &sim.displays {
             let e = by_id[d.emoji_id.as_str()];
-            assert_eq!(e.split, Split::Val, "references come from the display split");
-            assert_eq!(d.preferred_vendor, by_user[d.user_id.as_str()].preferred[&e.category]);
+            assert_eq!(
+                e.split,
+                Split::Val,
+                "references come from the display split"
+            );
+            assert_eq!(
+                d.preferred_vendor,
+                by_user[d.user_id.as_str()].preferred[&e.category]
+            );
             assert_eq!(d.truth_item_id, item_id(&d.preferred_vendor, &d.emoji_id));
         }
         // Noise: about 15% of interactions are with another vendor's drawing.
@@ -567,7 +597,11 @@ mod tests {
         assert!((0.08..0.25).contains(&noisy), "noise share {noisy}");
         for i in &sim.interactions {
             let e = by_id[i.emoji_id.as_str()];
-            assert_eq!(e.split, Split::Train, "history comes from the history split");
+            assert_eq!(
+                e.split,
+                Split::Train,
+                "history comes from the history split"
+            );
             let liked = &by_user[i.user_id.as_str()].preferred[&e.category];
             assert_eq!(i.preferred, &i.vendor == liked);
         }
@@ -593,7 +627,16 @@ mod tests {
         let m = manifest();
         let dir = tempfile::tempdir().unwrap();
         // One tiny PNG per vendor drawing the simulation refers to.
-        let sim = simulate(&m, &SimConfig { users: 3, history: 5, displays: 1, ..cfg() }).unwrap();
+        let sim = simulate(
+            &m,
+            &SimConfig {
+                users: 3,
+                history: 5,
+                displays: 1,
+                ..cfg()
+            },
+        )
+        .unwrap();
         for id in sim.item_ids() {
             let (vendor, emoji) = id.split_once('.').unwrap();
             let path = m.image_path(dir.path(), vendor, 64, emoji);
@@ -617,7 +660,10 @@ mod tests {
             crate::event::decode(line.as_bytes(), 0, &limits).unwrap();
         }
         assert_eq!(
-            std::fs::read_to_string(out.join(TRUTH_FILE)).unwrap().lines().count(),
+            std::fs::read_to_string(out.join(TRUTH_FILE))
+                .unwrap()
+                .lines()
+                .count(),
             3
         );
         assert!(matches!(

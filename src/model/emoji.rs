@@ -140,7 +140,11 @@ impl EmojiNet {
 }
 
 /// Resizes each image to `res`×`res` and stacks them, channels first, scaled to [-1, 1].
-pub fn images_to_tensor(images: &[&Image], res: u32, device: &Device) -> Result<Tensor, ModelError> {
+pub fn images_to_tensor(
+    images: &[&Image],
+    res: u32,
+    device: &Device,
+) -> Result<Tensor, ModelError> {
     let n = (res * res) as usize;
     let mut data = Vec::with_capacity(images.len() * 3 * n);
     for img in images {
@@ -153,10 +157,19 @@ pub fn images_to_tensor(images: &[&Image], res: u32, device: &Device) -> Result<
         };
         let raw = buf.into_raw();
         for ch in 0..3 {
-            data.extend(raw.iter().skip(ch).step_by(3).map(|&v| v as f32 / 127.5 - 1.0));
+            data.extend(
+                raw.iter()
+                    .skip(ch)
+                    .step_by(3)
+                    .map(|&v| v as f32 / 127.5 - 1.0),
+            );
         }
     }
-    Ok(Tensor::from_vec(data, (images.len(), 3, res as usize, res as usize), device)?)
+    Ok(Tensor::from_vec(
+        data,
+        (images.len(), 3, res as usize, res as usize),
+        device,
+    )?)
 }
 
 /// A loaded bundle, with MiniLM for the text side when it is available.
@@ -183,7 +196,9 @@ impl EmojiEncoder {
             .map_err(|e| ModelError::Bundle(format!("{}: {e}", dir.display())))?;
         let version = format!(
             "emoji-encoder:{}",
-            dir.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+            dir.file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default()
         );
         Ok(EmojiEncoder {
             net,
@@ -204,7 +219,10 @@ impl EmojiEncoder {
             return Ok((Vec::new(), Vec::new()));
         }
         let f = self.net.forward(&self.net.batch(images, &self.device)?)?;
-        let vendors = argmax_rows(&f.vendor_logits)?.into_iter().map(|v| v as usize).collect();
+        let vendors = argmax_rows(&f.vendor_logits)?
+            .into_iter()
+            .map(|v| v as usize)
+            .collect();
         Ok((vendors, l2_normalize(&f.content)?.to_vec2::<f32>()?))
     }
 
@@ -212,7 +230,9 @@ impl EmojiEncoder {
     pub fn embed_texts(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, ModelError> {
         match &self.text {
             Some(m) => m.embed(texts),
-            None => Err(ModelError::Unsupported("this encoder was loaded without MiniLM".into())),
+            None => Err(ModelError::Unsupported(
+                "this encoder was loaded without MiniLM".into(),
+            )),
         }
     }
 
@@ -263,7 +283,12 @@ impl EmojiEncoder {
                 (Some(i), Some((_, s))) => s[i].clone(),
                 _ => vec![0.0; cfg.style_dim],
             };
-            out.push(combine(&content, &style, cfg.content_weight, cfg.style_weight));
+            out.push(combine(
+                &content,
+                &style,
+                cfg.content_weight,
+                cfg.style_weight,
+            ));
         }
         Ok(out)
     }
@@ -309,7 +334,10 @@ pub fn load_bundle<C: serde::de::DeserializeOwned>(
         .map_err(|e| ModelError::Bundle(format!("{}: {e}", config_path.display())))?;
     let weights = dir.join("model.safetensors");
     if !weights.is_file() {
-        return Err(ModelError::Bundle(format!("{} is missing", weights.display())));
+        return Err(ModelError::Bundle(format!(
+            "{} is missing",
+            weights.display()
+        )));
     }
     // SAFETY: the file is mapped read-only and not modified while the model lives.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }
@@ -339,7 +367,9 @@ mod tests {
         Image {
             width: 20,
             height: 20,
-            rgb: (0..20 * 20 * 3).map(|i| (i as u8).wrapping_mul(seed)).collect(),
+            rgb: (0..20 * 20 * 3)
+                .map(|i| (i as u8).wrapping_mul(seed))
+                .collect(),
         }
     }
 
@@ -348,7 +378,11 @@ mod tests {
         let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
         EmojiNet::new(tiny(), vb).unwrap();
         vm.save(dir.join("model.safetensors")).unwrap();
-        std::fs::write(dir.join("config.json"), serde_json::to_vec(&tiny()).unwrap()).unwrap();
+        std::fs::write(
+            dir.join("config.json"),
+            serde_json::to_vec(&tiny()).unwrap(),
+        )
+        .unwrap();
     }
 
     #[test]
@@ -358,7 +392,9 @@ mod tests {
         let enc = EmojiEncoder::load(dir.path(), None).unwrap();
         assert_eq!(enc.dim(), CONTENT_DIM + 4);
         let (a, b) = (image(3), image(7));
-        let out = enc.encode_batch(&[(Some(&a), None), (Some(&b), Some("ignored without MiniLM"))]).unwrap();
+        let out = enc
+            .encode_batch(&[(Some(&a), None), (Some(&b), Some("ignored without MiniLM"))])
+            .unwrap();
         assert_eq!(out.len(), 2);
         for v in &out {
             assert_eq!(v.len(), CONTENT_DIM + 4);
@@ -369,9 +405,15 @@ mod tests {
         let close = |x: &[f32], y: &[f32]| x.iter().zip(y).all(|(p, q)| (p - q).abs() < 1e-5);
         assert!(close(&enc.encode(Some(&b), None).unwrap(), &out[1]));
         let again = EmojiEncoder::load(dir.path(), None).unwrap();
-        assert_eq!(again.encode(Some(&a), None).unwrap(), enc.encode(Some(&a), None).unwrap());
+        assert_eq!(
+            again.encode(Some(&a), None).unwrap(),
+            enc.encode(Some(&a), None).unwrap()
+        );
         assert!(close(&again.encode(Some(&a), None).unwrap(), &out[0]));
-        assert!(matches!(enc.encode(None, None), Err(ModelError::Unsupported(_))));
+        assert!(matches!(
+            enc.encode(None, None),
+            Err(ModelError::Unsupported(_))
+        ));
     }
 
     #[test]
@@ -381,20 +423,44 @@ mod tests {
         // Wrong dims: the config promises more channels than the weights have.
         let mut wrong = tiny();
         wrong.channels = [4, 4, 8, 16];
-        std::fs::write(dir.path().join("config.json"), serde_json::to_vec(&wrong).unwrap()).unwrap();
-        let err = EmojiEncoder::load(dir.path(), None).err().unwrap().to_string();
-        assert!(err.contains("model.safetensors") || err.contains(dir.path().to_str().unwrap()), "{err}");
+        std::fs::write(
+            dir.path().join("config.json"),
+            serde_json::to_vec(&wrong).unwrap(),
+        )
+        .unwrap();
+        let err = EmojiEncoder::load(dir.path(), None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("model.safetensors") || err.contains(dir.path().to_str().unwrap()),
+            "{err}"
+        );
         assert!(err.contains("shape") || err.contains("conv3"), "{err}");
         // A missing tensor.
-        let tensors = candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
-        let kept: std::collections::HashMap<String, Tensor> =
-            tensors.into_iter().filter(|(k, _)| !k.starts_with("style")).collect();
+        let tensors =
+            candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu)
+                .unwrap();
+        let kept: std::collections::HashMap<String, Tensor> = tensors
+            .into_iter()
+            .filter(|(k, _)| !k.starts_with("style"))
+            .collect();
         candle_core::safetensors::save(&kept, dir.path().join("model.safetensors")).unwrap();
-        std::fs::write(dir.path().join("config.json"), serde_json::to_vec(&tiny()).unwrap()).unwrap();
-        let err = EmojiEncoder::load(dir.path(), None).err().unwrap().to_string();
+        std::fs::write(
+            dir.path().join("config.json"),
+            serde_json::to_vec(&tiny()).unwrap(),
+        )
+        .unwrap();
+        let err = EmojiEncoder::load(dir.path(), None)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("style"), "{err}");
         std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
-        let err = EmojiEncoder::load(dir.path(), None).err().unwrap().to_string();
+        let err = EmojiEncoder::load(dir.path(), None)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("missing"), "{err}");
     }
 

@@ -130,7 +130,9 @@ mod tests {
     fn pooling_ignores_masked_positions() {
         let d = Device::Cpu;
         let hidden = Tensor::from_vec(
-            vec![1f32, 2., 3., 4., 100., 100., /* second */ 5., 6., 7., 8., 9., 10.],
+            vec![
+                1f32, 2., 3., 4., 100., 100., /* second */ 5., 6., 7., 8., 9., 10.,
+            ],
             (2, 3, 2),
             &d,
         )
@@ -148,26 +150,46 @@ mod tests {
     #[test]
     fn a_missing_file_names_itself_and_the_fix() {
         let dir = tempfile::tempdir().unwrap();
-        let err = MiniLm::load(dir.path(), &Device::Cpu).err().unwrap().to_string();
-        assert!(err.contains("config.json") && err.contains("ragar data fetch --only minilm"), "{err}");
+        let err = MiniLm::load(dir.path(), &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("config.json") && err.contains("ragar data fetch --only minilm"),
+            "{err}"
+        );
     }
 
     /// Golden values from an independent NumPy forward pass of the same weights. Runs where the
     /// weights are fetched (`ragar data fetch --only minilm`; `.ci/run` does it), says so otherwise.
     #[test]
     fn matches_the_reference_implementation() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("data").join(MINILM_DIR);
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("data")
+            .join(MINILM_DIR);
         if !dir.join("model.safetensors").is_file() {
-            eprintln!("skipped: no MiniLM weights at {} (ragar data fetch --only minilm)", dir.display());
+            eprintln!(
+                "skipped: no MiniLM weights at {} (ragar data fetch --only minilm)",
+                dir.display()
+            );
             return;
         }
         let m = MiniLm::load(&dir, &Device::Cpu).unwrap();
         assert_eq!(m.dim(), 384);
-        let texts = ["grinning face", "a cat sitting on a mat", "smiling face with open mouth", "steam locomotive"];
+        let texts = [
+            "grinning face",
+            "a cat sitting on a mat",
+            "smiling face with open mouth",
+            "steam locomotive",
+        ];
         let e = m.embed(&texts).unwrap();
         let golden: [[f32; 8]; 2] = [
-            [-0.06182, 0.05821, 0.01479, 0.04019, 0.03493, -0.03646, 0.11854, -0.01324],
-            [0.1062, -0.03106, -0.03192, 0.04636, -0.05832, 0.02606, 0.06511, 0.03027],
+            [
+                -0.06182, 0.05821, 0.01479, 0.04019, 0.03493, -0.03646, 0.11854, -0.01324,
+            ],
+            [
+                0.1062, -0.03106, -0.03192, 0.04636, -0.05832, 0.02606, 0.06511, 0.03027,
+            ],
         ];
         for (row, want) in e.iter().zip(golden) {
             for (got, want) in row.iter().zip(want) {

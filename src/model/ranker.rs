@@ -99,7 +99,9 @@ impl LearnedRanker {
             .map_err(|e| ModelError::Bundle(format!("{}: {e}", dir.display())))?;
         let version = format!(
             "ranker:{}",
-            dir.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+            dir.file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default()
         );
         Ok(LearnedRanker {
             net,
@@ -114,18 +116,30 @@ impl LearnedRanker {
     }
 
     /// Totals (w·σ(s) + (1−w)·fidelity) of candidate embeddings for one preference and reference.
-    pub fn totals(&self, preference: &[f32], reference: &[f32], candidates: &[Vec<f32>]) -> Result<Vec<f32>, ModelError> {
+    pub fn totals(
+        &self,
+        preference: &[f32],
+        reference: &[f32],
+        candidates: &[Vec<f32>],
+    ) -> Result<Vec<f32>, ModelError> {
         let cfg = &self.net.config;
         let w = cfg.personalization_weight;
         let s = self.personalization(preference, candidates)?;
         Ok(s.into_iter()
             .zip(candidates)
-            .map(|(s, c)| w * sigmoid(s) + (1.0 - w) * cosine(&c[..cfg.content_dim], &reference[..cfg.content_dim]))
+            .map(|(s, c)| {
+                w * sigmoid(s)
+                    + (1.0 - w) * cosine(&c[..cfg.content_dim], &reference[..cfg.content_dim])
+            })
             .collect())
     }
 
     /// Personalization scores of candidate embeddings against one preference.
-    pub fn personalization(&self, preference: &[f32], candidates: &[Vec<f32>]) -> Result<Vec<f32>, ModelError> {
+    pub fn personalization(
+        &self,
+        preference: &[f32],
+        candidates: &[Vec<f32>],
+    ) -> Result<Vec<f32>, ModelError> {
         if candidates.is_empty() {
             return Ok(Vec::new());
         }
@@ -146,7 +160,11 @@ impl Ranker for LearnedRanker {
         &self.version
     }
 
-    fn score(&self, request: &GenerationRequest, candidates: &[Candidate]) -> Result<Vec<Scores>, ModelError> {
+    fn score(
+        &self,
+        request: &GenerationRequest,
+        candidates: &[Candidate],
+    ) -> Result<Vec<Scores>, ModelError> {
         let cfg = &self.net.config;
         let embeddings = candidates
             .iter()
@@ -155,13 +173,18 @@ impl Ranker for LearnedRanker {
                 _ => self.encoder.encode(Some(&c.image), None),
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let reference = &request.reference_embedding[..cfg.content_dim.min(request.reference_embedding.len())];
+        let reference =
+            &request.reference_embedding[..cfg.content_dim.min(request.reference_embedding.len())];
         let fidelity: Vec<f32> = embeddings
             .iter()
             .map(|e| cosine(&e[..cfg.content_dim], reference))
             .collect();
         let personalization = match &request.preference {
-            Some(p) => self.personalization(p, &embeddings)?.into_iter().map(sigmoid).collect(),
+            Some(p) => self
+                .personalization(p, &embeddings)?
+                .into_iter()
+                .map(sigmoid)
+                .collect(),
             None => vec![0.5; embeddings.len()],
         };
         let w = cfg.personalization_weight;
@@ -193,7 +216,11 @@ mod tests {
         fn dim(&self) -> usize {
             self.0
         }
-        fn encode(&self, image: Option<&super::super::Image>, _: Option<&str>) -> Result<Vec<f32>, ModelError> {
+        fn encode(
+            &self,
+            image: Option<&super::super::Image>,
+            _: Option<&str>,
+        ) -> Result<Vec<f32>, ModelError> {
             let img = image.unwrap();
             let mut v = vec![0.0; self.0];
             for (i, px) in img.rgb.iter().enumerate() {
@@ -211,11 +238,23 @@ mod tests {
         cfg.rank = 3;
         cfg.content_dim = 4;
         let vm = VarMap::new();
-        RankerNet::new(cfg.clone(), VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+        RankerNet::new(
+            cfg.clone(),
+            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
         vm.save(dir.path().join("model.safetensors")).unwrap();
-        std::fs::write(dir.path().join("config.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();
+        std::fs::write(
+            dir.path().join("config.json"),
+            serde_json::to_vec(&cfg).unwrap(),
+        )
+        .unwrap();
         let ranker = LearnedRanker::load(dir.path(), Arc::new(MeanColour(8))).unwrap();
-        let img = |c: u8| super::super::Image { width: 1, height: 1, rgb: vec![c, 0, 0] };
+        let img = |c: u8| super::super::Image {
+            width: 1,
+            height: 1,
+            rgb: vec![c, 0, 0],
+        };
         let request = GenerationRequest {
             reference: Arc::new(img(9)),
             reference_embedding: vec![9.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0].into(),
@@ -223,8 +262,14 @@ mod tests {
             seeds: vec![1, 2],
         };
         let cands = vec![
-            Candidate { image: img(9), embedding: None },
-            Candidate { image: img(200), embedding: None },
+            Candidate {
+                image: img(9),
+                embedding: None,
+            },
+            Candidate {
+                image: img(200),
+                embedding: None,
+            },
         ];
         let s = ranker.score(&request, &cands).unwrap();
         assert_eq!(s.len(), 2);
@@ -233,7 +278,10 @@ mod tests {
             assert!((x.total - (0.5 * x.personalization + 0.5 * x.fidelity)).abs() < 1e-6);
         }
         assert_eq!(ranker.score(&request, &cands).unwrap(), s, "deterministic");
-        let err = LearnedRanker::load(dir.path(), Arc::new(MeanColour(6))).err().unwrap().to_string();
+        let err = LearnedRanker::load(dir.path(), Arc::new(MeanColour(6)))
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("8-value") && err.contains("gives 6"), "{err}");
     }
 }
