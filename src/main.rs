@@ -66,9 +66,9 @@ enum Command {
         displays: usize,
         #[arg(long, default_value_t = 7)]
         seed: u64,
-        #[arg(long, value_delimiter = ',', default_values_t = [4usize, 8, 16, 32])]
+        #[arg(long, value_delimiter = ',', default_values_t = [8usize, 16, 32, 64])]
         k: Vec<usize>,
-        #[arg(long, value_delimiter = ',', default_values_t = [0.02f32, 0.05, 0.1, 0.2])]
+        #[arg(long, value_delimiter = ',', default_values_t = [0.1f32, 0.2, 0.5, 1.0])]
         tau: Vec<f32>,
     },
     /// Serve an in-process Kafka with the worker's topics; prints `bootstrap.servers=HOST:PORT` first.
