@@ -307,3 +307,84 @@ async fn maintain(history: Arc<History>, every: std::time::Duration, stop: Cance
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key_of(cfg: &ModelsConfig) -> String {
+        match Models::from_config(cfg) {
+            Err(ConfigError::Invalid { key, .. }) => key,
+            Err(other) => panic!("unexpected error {other}"),
+            Ok(_) => panic!("the configuration was accepted"),
+        }
+    }
+
+    #[test]
+    fn model_errors_name_their_key() {
+        let missing = std::path::PathBuf::from("/nonexistent/ragar-models");
+        let base = ModelsConfig {
+            minilm_dir: missing.clone(),
+            encoder_dir: missing.clone(),
+            ranker_dir: missing,
+            ..ModelsConfig::default()
+        };
+        let with = |f: &dyn Fn(&mut ModelsConfig)| {
+            let mut c = base.clone();
+            f(&mut c);
+            c
+        };
+        assert_eq!(
+            key_of(&with(&|c| c.encoder = "minilm".into())),
+            "models.minilm_dir"
+        );
+        assert_eq!(
+            key_of(&with(&|c| c.encoder = "emoji".into())),
+            "models.minilm_dir"
+        );
+        assert_eq!(
+            key_of(&with(&|c| c.encoder = "clip".into())),
+            "models.encoder"
+        );
+        assert_eq!(
+            key_of(&with(&|c| c.ranker = "learned".into())),
+            "models.ranker"
+        );
+        assert_eq!(
+            key_of(&with(&|c| c.generator = "sd".into())),
+            "models.generator"
+        );
+        assert!(
+            Models::from_config(&base).is_ok(),
+            "the baselines need no files"
+        );
+    }
+
+    /// The committed bundles load and agree with the configured dimension.
+    #[test]
+    fn committed_bundles_load_with_minilm() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let minilm_dir = root.join("data").join(crate::model::minilm::MINILM_DIR);
+        if !minilm_dir.join("model.safetensors").is_file() {
+            eprintln!("skipped: no MiniLM weights (cargo run -- data fetch --only minilm)");
+            return;
+        }
+        let cfg = ModelsConfig {
+            dim: 416,
+            encoder: "emoji".into(),
+            ranker: "learned".into(),
+            minilm_dir,
+            encoder_dir: root.join("models/emoji-encoder"),
+            ranker_dir: root.join("models/ranker"),
+            ..ModelsConfig::default()
+        };
+        let models = Models::from_config(&cfg).unwrap();
+        let enc = models.encoder.unwrap();
+        assert_eq!(enc.dim(), 416);
+        let e = enc
+            .encode(None, Some("animals & nature, animal-mammal: dog face"))
+            .unwrap();
+        assert!((e.iter().map(|x| x * x).sum::<f32>() - 1.0).abs() < 1e-4);
+        assert_eq!(key_of(&ModelsConfig { dim: 384, ..cfg }), "models.dim");
+    }
+}
