@@ -198,8 +198,13 @@ pub fn histories<'a>(
     histories
 }
 
-fn accuracy(sim: &Simulation, emb: &Embedded, params: &Params) -> Accuracy {
-    let histories = histories(sim, &emb.items);
+/// How often the preference points at the user's vendor; `histories` are `sim`'s ([`histories`]).
+fn accuracy(
+    sim: &Simulation,
+    histories: &HashMap<&str, Vec<HistoryEntry>>,
+    emb: &Embedded,
+    params: &Params,
+) -> Accuracy {
     let dim = emb.items.values().next().map_or(0, |e| e.len());
     let mut tally = Tally::default();
     let empty = Vec::new();
@@ -339,7 +344,8 @@ pub fn pairwise_auc(positive: &[f32], negative: &[f32]) -> f32 {
 
 /// Runs `generator` on every test display (retrieval-weighted preference, one candidate, the
 /// display's seed) and judges the images: style against the user's vendor for the category,
-/// identity among every test emoji. Also returns the judges' accuracy on the ground truth.
+/// identity among every test emoji (names embedded by `text`'s MiniLM). Also returns the judges'
+/// accuracy on the ground truth.
 #[allow(clippy::too_many_arguments)]
 pub fn generation_rows(
     sim: &Simulation,
@@ -348,6 +354,7 @@ pub fn generation_rows(
     items: &HashMap<String, Arc<[f32]>>,
     params: &Params,
     judge: &EmojiEncoder,
+    text: &EmojiEncoder,
     generators: &[(&str, &dyn crate::model::Generator)],
 ) -> anyhow::Result<(JudgeAccuracy, Vec<GenerationRow>)> {
     use crate::model::GenerationRequest;
@@ -360,7 +367,7 @@ pub fn generation_rows(
     let test: Vec<&crate::data::EmojiEntry> = manifest.split(Split::Test).collect();
     let names: Vec<String> = test.iter().map(|e| e.name.to_lowercase()).collect();
     let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let name_emb = judge.embed_texts(&name_refs)?;
+    let name_emb = text.embed_texts(&name_refs)?;
     let index: HashMap<&str, usize> = test
         .iter()
         .enumerate()
@@ -519,6 +526,10 @@ pub fn run(
         style_from,
     };
 
+    let (val_hist, test_hist) = (
+        histories(&val_sim, &emb.items),
+        histories(&test_sim, &emb.items),
+    );
     let base = Params::from_config(&crate::config::PreferenceConfig::default());
     let uniform = Params {
         mode: WeightingMode::Uniform,
@@ -533,7 +544,11 @@ pub fn run(
                 tau,
                 ..base.clone()
             };
-            sweep.push((k, tau, accuracy(&val_sim, &emb, &p).category_dependent));
+            sweep.push((
+                k,
+                tau,
+                accuracy(&val_sim, &val_hist, &emb, &p).category_dependent,
+            ));
         }
     }
     let &(k, tau, _) = sweep
@@ -606,6 +621,7 @@ pub fn run(
                 &emb.items,
                 &retrieval,
                 j,
+                encoder,
                 &[(
                     "no personalization (reference passed through)",
                     &passthrough,
@@ -622,10 +638,10 @@ pub fn run(
         encoder: encoder_name.to_string(),
         k,
         tau,
-        val_uniform: accuracy(&val_sim, &emb, &uniform),
-        val_retrieval: accuracy(&val_sim, &emb, &retrieval),
-        test_uniform: accuracy(&test_sim, &emb, &uniform),
-        test_retrieval: accuracy(&test_sim, &emb, &retrieval),
+        val_uniform: accuracy(&val_sim, &val_hist, &emb, &uniform),
+        val_retrieval: accuracy(&val_sim, &val_hist, &emb, &retrieval),
+        test_uniform: accuracy(&test_sim, &test_hist, &emb, &uniform),
+        test_retrieval: accuracy(&test_sim, &test_hist, &emb, &retrieval),
         sweep,
         sim: opts.sim.clone(),
     };

@@ -447,13 +447,9 @@ fn main() -> anyhow::Result<()> {
                 ks: k,
                 taus: tau,
             };
+            // The judges read images only; test names are embedded by the encoder's MiniLM.
             let judge = if judge_dir.join("config.json").is_file() {
-                let text =
-                    ragar::model::minilm::MiniLm::load(&minilm_dir, &candle_core::Device::Cpu)?;
-                Some(ragar::model::emoji::EmojiEncoder::load(
-                    &judge_dir,
-                    Some(text),
-                )?)
+                Some(ragar::model::emoji::EmojiEncoder::load(&judge_dir, None)?)
             } else {
                 eprintln!(
                     "no judge bundle in {}: the generation rows are left out",

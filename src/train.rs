@@ -58,11 +58,139 @@ pub struct EpochStats {
     pub val_identity_top1: f32,
 }
 
+/// A row of a run's `curves.csv`.
+pub trait Curve: Serialize + serde::de::DeserializeOwned {
+    const HEADER: &'static str;
+    fn csv(&self) -> String;
+}
+
+impl Curve for EpochStats {
+    const HEADER: &'static str = "epoch,train_loss,val_style_acc,val_identity_top1";
+    fn csv(&self) -> String {
+        format!(
+            "{},{:.5},{:.4},{:.4}",
+            self.epoch, self.train_loss, self.val_style_acc, self.val_identity_top1
+        )
+    }
+}
+
+/// `OUT/checkpoint/state.json`.
 #[derive(Debug, Serialize, Deserialize)]
-struct State {
+#[serde(bound(deserialize = "C: serde::de::DeserializeOwned"))]
+struct State<C> {
     epochs_done: usize,
     seed: u64,
-    curves: Vec<EpochStats>,
+    curves: Vec<C>,
+}
+
+/// A training run's files under OUT: `checkpoint/` (weights and [`State`] after every epoch),
+/// `curves.csv`, and at the end the bundle (`config.json`, `model.safetensors`).
+struct Run<C> {
+    out: PathBuf,
+    state: State<C>,
+}
+
+impl<C: Curve> Run<C> {
+    /// Continues from `OUT/checkpoint` when `resume` and one is there (same seed only), else
+    /// initializes `varmap` from `seed`.
+    fn start(out: &Path, varmap: &mut VarMap, seed: u64, resume: bool) -> anyhow::Result<Self> {
+        let ckpt = out.join("checkpoint");
+        let state_path = ckpt.join("state.json");
+        let state = if resume && state_path.is_file() {
+            let state: State<C> = serde_json::from_slice(&std::fs::read(&state_path)?)
+                .with_context(|| state_path.display().to_string())?;
+            if state.seed != seed {
+                bail!(
+                    "the checkpoint in {} was trained with seed {}, not {seed}",
+                    ckpt.display(),
+                    state.seed
+                );
+            }
+            varmap.load(ckpt.join("model.safetensors"))?;
+            tracing::info!(
+                epochs_done = state.epochs_done,
+                "resuming from the checkpoint"
+            );
+            state
+        } else {
+            seeded_init(varmap, seed)?;
+            State {
+                epochs_done: 0,
+                seed,
+                curves: Vec::new(),
+            }
+        };
+        std::fs::create_dir_all(&ckpt)?;
+        Ok(Run {
+            out: out.to_path_buf(),
+            state,
+        })
+    }
+
+    fn epochs_done(&self) -> usize {
+        self.state.epochs_done
+    }
+
+    /// Records an epoch and writes the checkpoint and the curves.
+    fn epoch_done(&mut self, varmap: &VarMap, stats: C) -> anyhow::Result<()> {
+        self.state.curves.push(stats);
+        self.state.epochs_done += 1;
+        let ckpt = self.out.join("checkpoint");
+        varmap.save(ckpt.join("model.safetensors"))?;
+        std::fs::write(
+            ckpt.join("state.json"),
+            serde_json::to_vec_pretty(&self.state)?,
+        )?;
+        self.write_curves()
+    }
+
+    /// Writes the bundle; returns every epoch's figures.
+    fn finish(self, varmap: &VarMap, config: &impl Serialize) -> anyhow::Result<Vec<C>> {
+        varmap.save(self.out.join("model.safetensors"))?;
+        std::fs::write(
+            self.out.join("config.json"),
+            serde_json::to_vec_pretty(config)?,
+        )?;
+        self.write_curves()?;
+        Ok(self.state.curves)
+    }
+
+    fn write_curves(&self) -> anyhow::Result<()> {
+        let path = self.out.join("curves.csv");
+        let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+        writeln!(f, "{}", C::HEADER)?;
+        for c in &self.state.curves {
+            writeln!(f, "{}", c.csv())?;
+        }
+        f.flush()?;
+        Ok(())
+    }
+}
+
+/// AdamW with the weight decay both trainers use.
+fn optimizer(varmap: &VarMap, lr: f64) -> candle_core::Result<AdamW> {
+    AdamW::new(
+        varmap.all_vars(),
+        ParamsAdamW {
+            lr,
+            weight_decay: 1e-4,
+            ..Default::default()
+        },
+    )
+}
+
+/// A bar of `len` steps (hidden unless `show`) labelled `what`.
+fn progress_bar(show: bool, len: usize, what: &str) -> ProgressBar {
+    let bar = if show {
+        ProgressBar::new(len as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    let template = format!("{{spinner}} {what} [{{bar:30}}] {{pos}}/{{len}} {{msg}}");
+    if let Ok(style) = ProgressStyle::with_template(&template) {
+        bar.set_style(style);
+    }
+    bar
 }
 
 /// A split's images (every vendor) and name embeddings, ready as tensors.
@@ -239,56 +367,17 @@ pub fn train_encoder(opts: &EncoderTraining) -> anyhow::Result<Vec<EpochStats>> 
         config.clone(),
         VarBuilder::from_varmap(&varmap, DType::F32, &device),
     )?;
-    let ckpt = opts.out.join("checkpoint");
-    let state_path = ckpt.join("state.json");
-    let mut state = State {
-        epochs_done: 0,
-        seed: opts.seed,
-        curves: Vec::new(),
-    };
-    if opts.resume && state_path.is_file() {
-        state = serde_json::from_slice(&std::fs::read(&state_path)?)
-            .with_context(|| state_path.display().to_string())?;
-        if state.seed != opts.seed {
-            bail!(
-                "the checkpoint in {} was trained with seed {}, not {}",
-                ckpt.display(),
-                state.seed,
-                opts.seed
-            );
-        }
-        varmap.load(ckpt.join("model.safetensors"))?;
-        tracing::info!(
-            epochs_done = state.epochs_done,
-            "resuming from the checkpoint"
-        );
-    } else {
-        seeded_init(&varmap, opts.seed)?;
-    }
-    std::fs::create_dir_all(&ckpt)?;
-    let mut opt = AdamW::new(
-        varmap.all_vars(),
-        ParamsAdamW {
-            lr: opts.lr,
-            weight_decay: 1e-4,
-            ..Default::default()
-        },
-    )?;
+    let mut run = Run::<EpochStats>::start(&opts.out, &mut varmap, opts.seed, opts.resume)?;
+    let mut opt = optimizer(&varmap, opts.lr)?;
 
     let batch = opts.batch.clamp(2, train.n.max(2));
     let steps_per_epoch = nv * train.n.div_ceil(batch);
-    let bar = if opts.progress {
-        ProgressBar::new((opts.epochs.saturating_sub(state.epochs_done) * steps_per_epoch) as u64)
-    } else {
-        ProgressBar::hidden()
-    };
-    if let Ok(style) =
-        ProgressStyle::with_template("{spinner} train encoder [{bar:30}] {pos}/{len} {msg}")
-    {
-        bar.set_style(style);
-    }
-    let curves_path = opts.out.join("curves.csv");
-    for epoch in state.epochs_done..opts.epochs {
+    let bar = progress_bar(
+        opts.progress,
+        opts.epochs.saturating_sub(run.epochs_done()) * steps_per_epoch,
+        "train encoder",
+    );
+    for epoch in run.epochs_done()..opts.epochs {
         let mut rng = ChaCha8Rng::seed_from_u64(opts.seed ^ ((epoch as u64 + 1) << 32));
         let (mut loss_sum, mut steps) = (0f32, 0usize);
         for _pass in 0..nv {
@@ -320,20 +409,10 @@ pub fn train_encoder(opts: &EncoderTraining) -> anyhow::Result<Vec<EpochStats>> 
             "epoch {} loss {:.3} val style {:.3} identity {:.3}",
             stats.epoch, stats.train_loss, style_acc, identity
         ));
-        state.curves.push(stats);
-        state.epochs_done = epoch + 1;
-        varmap.save(ckpt.join("model.safetensors"))?;
-        std::fs::write(&state_path, serde_json::to_vec_pretty(&state)?)?;
-        write_curves(&curves_path, &state.curves)?;
+        run.epoch_done(&varmap, stats)?;
     }
     bar.finish();
-    varmap.save(opts.out.join("model.safetensors"))?;
-    std::fs::write(
-        opts.out.join("config.json"),
-        serde_json::to_vec_pretty(&config)?,
-    )?;
-    write_curves(&curves_path, &state.curves)?;
-    Ok(state.curves)
+    run.finish(&varmap, &config)
 }
 
 /// `ragar train ranker`: the learned ranker ([`crate::model::ranker`]) on simulated interaction logs.
@@ -363,11 +442,14 @@ pub struct RankerEpoch {
     pub heldout_best_of_vendors: f32,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
-struct RankerState {
-    epochs_done: usize,
-    seed: u64,
-    curves: Vec<RankerEpoch>,
+impl Curve for RankerEpoch {
+    const HEADER: &'static str = "epoch,train_loss,heldout_auc,heldout_best_of_vendors";
+    fn csv(&self) -> String {
+        format!(
+            "{},{:.5},{:.4},{:.4}",
+            self.epoch, self.train_loss, self.heldout_auc, self.heldout_best_of_vendors
+        )
+    }
 }
 
 /// Pairwise logistic loss: softplus(−(s(p, pos) − s(p, neg))), averaged.
@@ -466,49 +548,15 @@ pub fn train_ranker(opts: &RankerTraining) -> anyhow::Result<Vec<RankerEpoch>> {
         config.clone(),
         VarBuilder::from_varmap(&varmap, DType::F32, &device),
     )?;
-    let ckpt = opts.out.join("checkpoint");
-    let state_path = ckpt.join("state.json");
-    let mut state = RankerState {
-        epochs_done: 0,
-        seed: opts.seed,
-        curves: Vec::new(),
-    };
-    if opts.resume && state_path.is_file() {
-        state = serde_json::from_slice(&std::fs::read(&state_path)?)?;
-        if state.seed != opts.seed {
-            bail!(
-                "the checkpoint in {} was trained with seed {}, not {}",
-                ckpt.display(),
-                state.seed,
-                opts.seed
-            );
-        }
-        varmap.load(ckpt.join("model.safetensors"))?;
-    } else {
-        seeded_init(&varmap, opts.seed)?;
-    }
-    std::fs::create_dir_all(&ckpt)?;
-    let mut opt = AdamW::new(
-        varmap.all_vars(),
-        ParamsAdamW {
-            lr: opts.lr,
-            weight_decay: 1e-4,
-            ..Default::default()
-        },
-    )?;
-    let bar = if opts.progress {
-        ProgressBar::new(opts.epochs.saturating_sub(state.epochs_done) as u64)
-    } else {
-        ProgressBar::hidden()
-    };
-    if let Ok(style) =
-        ProgressStyle::with_template("{spinner} train ranker [{bar:30}] {pos}/{len} {msg}")
-    {
-        bar.set_style(style);
-    }
-    let curves_path = opts.out.join("curves.csv");
+    let mut run = Run::<RankerEpoch>::start(&opts.out, &mut varmap, opts.seed, opts.resume)?;
+    let mut opt = optimizer(&varmap, opts.lr)?;
+    let bar = progress_bar(
+        opts.progress,
+        opts.epochs.saturating_sub(run.epochs_done()),
+        "train ranker",
+    );
     let batch = opts.batch.max(1);
-    for epoch in state.epochs_done..opts.epochs {
+    for epoch in run.epochs_done()..opts.epochs {
         let mut rng = ChaCha8Rng::seed_from_u64(opts.seed ^ ((epoch as u64 + 1) << 32));
         let mut order: Vec<u32> = (0..train_pairs.n as u32).collect();
         order.shuffle(&mut rng);
@@ -552,48 +600,10 @@ pub fn train_ranker(opts: &RankerTraining) -> anyhow::Result<Vec<RankerEpoch>> {
             stats.epoch, stats.train_loss, auc, best.category_dependent
         ));
         bar.inc(1);
-        state.curves.push(stats);
-        state.epochs_done = epoch + 1;
-        varmap.save(ckpt.join("model.safetensors"))?;
-        std::fs::write(&state_path, serde_json::to_vec_pretty(&state)?)?;
-        write_ranker_curves(&curves_path, &state.curves)?;
+        run.epoch_done(&varmap, stats)?;
     }
     bar.finish();
-    varmap.save(opts.out.join("model.safetensors"))?;
-    std::fs::write(
-        opts.out.join("config.json"),
-        serde_json::to_vec_pretty(&config)?,
-    )?;
-    write_ranker_curves(&curves_path, &state.curves)?;
-    Ok(state.curves)
-}
-
-fn write_ranker_curves(path: &Path, curves: &[RankerEpoch]) -> anyhow::Result<()> {
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
-    writeln!(f, "epoch,train_loss,heldout_auc,heldout_best_of_vendors")?;
-    for c in curves {
-        writeln!(
-            f,
-            "{},{:.5},{:.4},{:.4}",
-            c.epoch, c.train_loss, c.heldout_auc, c.heldout_best_of_vendors
-        )?;
-    }
-    f.flush()?;
-    Ok(())
-}
-
-fn write_curves(path: &Path, curves: &[EpochStats]) -> anyhow::Result<()> {
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
-    writeln!(f, "epoch,train_loss,val_style_acc,val_identity_top1")?;
-    for c in curves {
-        writeln!(
-            f,
-            "{},{:.5},{:.4},{:.4}",
-            c.epoch, c.train_loss, c.val_style_acc, c.val_identity_top1
-        )?;
-    }
-    f.flush()?;
-    Ok(())
+    run.finish(&varmap, &config)
 }
 
 #[cfg(test)]

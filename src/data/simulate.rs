@@ -280,7 +280,7 @@ pub fn simulate(manifest: &Manifest, cfg: &SimConfig) -> Result<Simulation, Data
             let request_id = format!("{}-r{d:03}", user.user_id);
             displays.push(SimDisplay {
                 event_id: format!("{}-d{d:03}", user.user_id),
-                seed: seed_of(&request_id, cfg.seed),
+                seed: crate::event::derive_seed(&request_id, cfg.seed),
                 request_id,
                 user_id: user.user_id.clone(),
                 user_kind: user.kind,
@@ -318,11 +318,6 @@ fn pick_weighted(rng: &mut ChaCha8Rng, weights: impl Iterator<Item = f32> + Clon
         x -= w;
     }
     last
-}
-
-/// A display's generation seed: stable per request, within JSON's safe integers.
-fn seed_of(request_id: &str, mix: u64) -> u64 {
-    crate::event::derive_seed(request_id, mix)
 }
 
 /// Files [`Simulation::write`] produces.

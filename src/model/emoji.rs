@@ -185,21 +185,9 @@ impl EmojiEncoder {
     pub fn load(dir: &Path, minilm: Option<MiniLm>) -> Result<EmojiEncoder, ModelError> {
         let device = Device::Cpu;
         let (config, vb) = load_bundle::<EmojiEncoderConfig>(dir, &device)?;
-        if config.format != BUNDLE_FORMAT {
-            return Err(ModelError::Bundle(format!(
-                "{}: format {} (this build reads {BUNDLE_FORMAT})",
-                dir.display(),
-                config.format
-            )));
-        }
         let net = EmojiNet::new(config, vb)
             .map_err(|e| ModelError::Bundle(format!("{}: {e}", dir.display())))?;
-        let version = format!(
-            "emoji-encoder:{}",
-            dir.file_name()
-                .map(|n| n.to_string_lossy())
-                .unwrap_or_default()
-        );
+        let version = bundle_version("emoji-encoder", dir);
         Ok(EmojiEncoder {
             net,
             text: minilm,
@@ -322,8 +310,23 @@ impl ItemEncoder for EmojiEncoder {
     }
 }
 
-/// Reads `config.json` and memory-maps `model.safetensors`; errors name the file.
-pub fn load_bundle<C: serde::de::DeserializeOwned>(
+/// A bundle's `config.json`, which records the layout version it was written in.
+pub trait BundleConfig: serde::de::DeserializeOwned {
+    /// The layout version this build reads.
+    const FORMAT: u32;
+    fn format(&self) -> u32;
+}
+
+impl BundleConfig for EmojiEncoderConfig {
+    const FORMAT: u32 = BUNDLE_FORMAT;
+    fn format(&self) -> u32 {
+        self.format
+    }
+}
+
+/// Reads `config.json` (refusing another layout version) and memory-maps `model.safetensors`;
+/// errors name the file.
+pub fn load_bundle<C: BundleConfig>(
     dir: &Path,
     device: &Device,
 ) -> Result<(C, VarBuilder<'static>), ModelError> {
@@ -332,6 +335,14 @@ pub fn load_bundle<C: serde::de::DeserializeOwned>(
         .map_err(|e| ModelError::Bundle(format!("{}: {e}", config_path.display())))?;
     let config: C = serde_json::from_slice(&bytes)
         .map_err(|e| ModelError::Bundle(format!("{}: {e}", config_path.display())))?;
+    if config.format() != C::FORMAT {
+        return Err(ModelError::Bundle(format!(
+            "{}: format {} (this build reads {})",
+            dir.display(),
+            config.format(),
+            C::FORMAT
+        )));
+    }
     let weights = dir.join("model.safetensors");
     if !weights.is_file() {
         return Err(ModelError::Bundle(format!(
@@ -343,6 +354,16 @@ pub fn load_bundle<C: serde::de::DeserializeOwned>(
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }
         .map_err(|e| ModelError::Bundle(format!("{}: {e}", weights.display())))?;
     Ok((config, vb))
+}
+
+/// A loaded bundle's version string: its kind and directory name (`ranker:ranker`).
+pub fn bundle_version(kind: &str, dir: &Path) -> String {
+    format!(
+        "{kind}:{}",
+        dir.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
+    )
 }
 
 /// Index of the largest value in each row.

@@ -16,7 +16,7 @@ use candle_core::{Device, Module, Tensor};
 use candle_nn::{linear_no_bias, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::emoji::{load_bundle, CONTENT_DIM};
+use super::emoji::{bundle_version, load_bundle, BundleConfig, CONTENT_DIM};
 use super::{Candidate, GenerationRequest, ItemEncoder, ModelError, Ranker, Scores};
 use crate::preference::cosine;
 
@@ -36,6 +36,13 @@ pub struct RankerConfig {
     pub personalization_weight: f32,
     #[serde(default)]
     pub provenance: String,
+}
+
+impl BundleConfig for RankerConfig {
+    const FORMAT: u32 = BUNDLE_FORMAT;
+    fn format(&self) -> u32 {
+        self.format
+    }
 }
 
 impl RankerConfig {
@@ -80,13 +87,6 @@ impl LearnedRanker {
     pub fn load(dir: &Path, encoder: Arc<dyn ItemEncoder>) -> Result<LearnedRanker, ModelError> {
         let device = Device::Cpu;
         let (config, vb) = load_bundle::<RankerConfig>(dir, &device)?;
-        if config.format != BUNDLE_FORMAT {
-            return Err(ModelError::Bundle(format!(
-                "{}: format {} (this build reads {BUNDLE_FORMAT})",
-                dir.display(),
-                config.format
-            )));
-        }
         if config.dim != encoder.dim() {
             return Err(ModelError::Bundle(format!(
                 "{}: trained on {}-value embeddings, the encoder gives {}",
@@ -97,12 +97,7 @@ impl LearnedRanker {
         }
         let net = RankerNet::new(config, vb)
             .map_err(|e| ModelError::Bundle(format!("{}: {e}", dir.display())))?;
-        let version = format!(
-            "ranker:{}",
-            dir.file_name()
-                .map(|n| n.to_string_lossy())
-                .unwrap_or_default()
-        );
+        let version = bundle_version("ranker", dir);
         Ok(LearnedRanker {
             net,
             encoder,
