@@ -96,6 +96,12 @@ impl ConsumerContext for IngestContext {
                 Err(e) => tracing::warn!(error = %e, "committing offsets on revoke"),
             }
         }
+        // This member no longer reports these partitions' lag: do not leave a stale value behind
+        // (the new owner reports its own).
+        for tp in &tps {
+            metrics::gauge!(names::CONSUMER_LAG, "topic" => tp.topic.clone(), "partition" => tp.partition.to_string())
+                .set(0.0);
+        }
         tracing::info!(partitions = tps.len(), drained, "partitions revoked");
     }
 
