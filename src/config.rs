@@ -250,6 +250,9 @@ pub struct GenerateConfig {
     pub seed: u64,
     /// Display jobs waiting for the generator at most; beyond it the history stage waits.
     pub queue: usize,
+    /// Put every candidate's image in the output message, not only the published one (for
+    /// galleries and debugging; the messages grow by N images).
+    pub publish_candidate_images: bool,
 }
 
 impl Default for GenerateConfig {
@@ -260,6 +263,7 @@ impl Default for GenerateConfig {
             batch_delay: Duration::from_millis(10),
             seed: 0,
             queue: 64,
+            publish_candidate_images: false,
         }
     }
 }
@@ -277,8 +281,14 @@ pub struct ModelsConfig {
     pub encoder_dir: PathBuf,
     /// Directory of the MiniLM weights (`ragar data fetch --only minilm` fills `data/models/all-MiniLM-L6-v2`).
     pub minilm_dir: PathBuf,
-    /// `passthrough`: publish the reference itself (the no-personalization baseline).
+    /// `passthrough`: publish the reference itself (the no-personalization baseline);
+    /// `diffusion`: the EmojiStyle diffusion generator in `generator_dir` (needs `encoder =
+    /// "emoji"`, whose style block conditions it).
     pub generator: String,
+    /// Bundle of the `diffusion` generator (`ragar train generator` writes `models/generator`).
+    pub generator_dir: PathBuf,
+    /// Sampling steps of the `diffusion` generator; 0 takes the bundle's default.
+    pub generator_steps: usize,
     /// `cosine`: personalization and fidelity as embedding cosines (the feature-consistency baseline);
     /// `learned`: the ranker bundle in `ranker_dir` (needs `encoder = "emoji"`).
     pub ranker: String,
@@ -296,6 +306,8 @@ impl Default for ModelsConfig {
             encoder_dir: PathBuf::from("models/emoji-encoder"),
             minilm_dir: PathBuf::from("data").join(crate::model::minilm::MINILM_DIR),
             generator: "passthrough".into(),
+            generator_dir: PathBuf::from("models/generator"),
+            generator_steps: 0,
             ranker: "cosine".into(),
             ranker_dir: PathBuf::from("models/ranker"),
             personalization_weight: 0.5,
@@ -365,7 +377,53 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// Marks a value that was hidden by [`Config::redacted`].
+pub const REDACTED: &str = "<redacted>";
+
+/// Whether a librdkafka property holds a secret (`sasl.password`, `ssl.key.password`,
+/// `sasl.oauthbearer.client.secret`, inline PEM keys, ...).
+fn is_secret_option(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    [
+        "password",
+        "secret",
+        "token",
+        "ssl.key.pem",
+        "sasl.jaas.config",
+        "oauthbearer.config",
+    ]
+    .iter()
+    .any(|s| k.contains(s))
+}
+
+/// `url` with the password (and a user name given alone, which Redis takes as the password) hidden.
+fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or("", |(u, _)| u);
+            format!("{scheme}://{user}:{REDACTED}@{host}{path}")
+        }
+        None => url.to_string(),
+    }
+}
+
 impl Config {
+    /// A copy that is safe to print or log: secret Kafka options and the Redis password hidden.
+    pub fn redacted(&self) -> Config {
+        let mut c = self.clone();
+        for (k, v) in c.kafka.options.iter_mut() {
+            if is_secret_option(k) {
+                *v = REDACTED.into();
+            }
+        }
+        c.redis.url = redact_url(&c.redis.url);
+        c
+    }
+
     /// Defaults, then `file` (when given), then the process environment.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
         Config::load_from(file, std::env::vars())
@@ -651,6 +709,35 @@ mod tests {
             Some(&path),
             env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
         )
+    }
+
+    #[test]
+    fn redacted_hides_secrets_and_keeps_the_rest() {
+        let mut c = Config::default();
+        c.kafka
+            .options
+            .insert("sasl.password".into(), "hunter2".into());
+        c.kafka
+            .options
+            .insert("ssl.key.password".into(), "k3y".into());
+        c.kafka.options.insert("sasl.username".into(), "svc".into());
+        c.kafka
+            .options
+            .insert("security.protocol".into(), "SASL_SSL".into());
+        c.redis.url = "rediss://default:s3cret@cache:6380/2".into();
+        let r = c.redacted();
+        let shown = toml::to_string(&r).unwrap();
+        for secret in ["hunter2", "k3y", "s3cret"] {
+            assert!(!shown.contains(secret), "{secret} shown: {shown}");
+        }
+        assert_eq!(r.kafka.options["sasl.username"], "svc");
+        assert_eq!(r.kafka.options["security.protocol"], "SASL_SSL");
+        assert_eq!(r.redis.url, "rediss://default:<redacted>@cache:6380/2");
+        assert_eq!(redact_url("redis://:pw@h:1/"), "redis://:<redacted>@h:1/");
+        assert_eq!(
+            redact_url("redis://127.0.0.1:6379/"),
+            "redis://127.0.0.1:6379/"
+        );
     }
 
     #[test]

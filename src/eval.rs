@@ -31,6 +31,21 @@ pub struct EvalOptions {
     /// Grid searched on val (retrieval weighting).
     pub ks: Vec<usize>,
     pub taus: Vec<f32>,
+    /// Candidates per display in the best-of-N generation rows.
+    pub best_of: usize,
+}
+
+/// The models an evaluation measures; absent ones leave their rows out.
+#[derive(Clone, Copy)]
+pub struct EvalModels<'a> {
+    pub encoder: &'a EmojiEncoder,
+    pub encoder_name: &'a str,
+    pub ranker: Option<&'a crate::model::ranker::LearnedRanker>,
+    /// An encoder trained in a separate run; the generation rows need it.
+    pub judge: Option<&'a EmojiEncoder>,
+    pub generator: Option<&'a dyn crate::model::Generator>,
+    /// The generator after rank-task fine-tuning.
+    pub finetuned: Option<&'a dyn crate::model::Generator>,
 }
 
 /// Accuracy of one weighting on one population, by user kind.
@@ -93,14 +108,25 @@ pub struct PreferenceReport {
     pub generation: Vec<GenerationRow>,
 }
 
-/// One generator's row: how its published images fare with the judges, on test displays.
+/// One generation setting's row: how its published images fare, on test displays.
 #[derive(Debug, Clone)]
 pub struct GenerationRow {
     pub name: String,
     /// The judge's vendor for the image is the one the user prefers for the category.
     pub style: Accuracy,
-    /// The judge recognizes the reference emoji (among every test emoji) in the image.
+    /// The judge's content is nearest to the reference emoji's (mean over vendors), among every
+    /// test emoji.
     pub identity: f32,
+    /// The judge's content is nearest to the reference emoji's name, among every test name.
+    pub text_agreement: f32,
+    /// Mean SSIM and image-embedding cosine to the ground-truth drawing.
+    pub ssim: f32,
+    pub truth_cosine: f32,
+    /// Mean σ(ranker personalization) against the retrieval-weighted preference.
+    pub ranker_score: Option<f32>,
+    /// Mean cosine to the user's history drawings (CIS-style).
+    pub history_similarity: f32,
+    /// Generation (and ranking, for best-of-N) per published image, batch 1, this CPU.
     pub seconds_per_image: f32,
 }
 
@@ -109,6 +135,7 @@ pub struct GenerationRow {
 pub struct JudgeAccuracy {
     pub style: f32,
     pub identity: f32,
+    pub text_agreement: f32,
     pub images: usize,
 }
 
@@ -342,50 +369,111 @@ pub fn pairwise_auc(positive: &[f32], negative: &[f32]) -> f32 {
         / n
 }
 
-/// Runs `generator` on every test display (retrieval-weighted preference, one candidate, the
-/// display's seed) and judges the images: style against the user's vendor for the category,
-/// identity among every test emoji (names embedded by `text`'s MiniLM). Also returns the judges'
-/// accuracy on the ground truth.
+/// One setting of the generation table.
+pub struct GenerationSpec<'a> {
+    pub name: String,
+    pub generator: &'a dyn crate::model::Generator,
+    /// How the history is weighed into the preference the generator gets.
+    pub params: Params,
+    /// Candidates per display (seeds `seed`, `seed + 1`, ...); above one, the ranker publishes the
+    /// best of them (best-of-N).
+    pub candidates: usize,
+}
+
+/// Judges a published image against its display's ground truth.
+struct Judging<'a> {
+    judge: &'a EmojiEncoder,
+    /// The encoder that embeds images (image only) for the cosine, CIS and ranker columns.
+    encoder: &'a EmojiEncoder,
+    vendor_index: HashMap<&'a str, usize>,
+    test_index: HashMap<&'a str, usize>,
+    /// Per test emoji: the judge's mean content over every vendor's drawing (image identity).
+    prototypes: Vec<Vec<f32>>,
+    /// Per test emoji: MiniLM of its name (text agreement).
+    names: Vec<Vec<f32>>,
+}
+
+/// What the judges say about one image.
+struct Verdict {
+    style_right: bool,
+    identity_right: bool,
+    text_right: bool,
+}
+
+impl Judging<'_> {
+    fn argmax(rows: &[Vec<f32>], v: &[f32]) -> usize {
+        rows.iter()
+            .enumerate()
+            .max_by(|a, b| cosine(v, a.1).total_cmp(&cosine(v, b.1)))
+            .map_or(usize::MAX, |(i, _)| i)
+    }
+
+    fn verdicts(
+        &self,
+        images: &[&Image],
+        displays: &[&crate::data::simulate::SimDisplay],
+    ) -> anyhow::Result<Vec<Verdict>> {
+        let (vendors, contents) = self.judge.judge(images)?;
+        Ok(displays
+            .iter()
+            .zip(vendors)
+            .zip(contents)
+            .map(|((d, v), c)| {
+                let want = self.test_index.get(d.emoji_id.as_str()).copied();
+                Verdict {
+                    style_right: self.vendor_index.get(d.preferred_vendor.as_str()) == Some(&v),
+                    identity_right: want == Some(Self::argmax(&self.prototypes, &c)),
+                    text_right: want == Some(Self::argmax(&self.names, &c)),
+                }
+            })
+            .collect())
+    }
+}
+
+/// Structural similarity (mean SSIM over 8×8 windows, luma) of two images, resized to `b`'s size.
+pub fn ssim(a: &Image, b: &Image) -> anyhow::Result<f32> {
+    let luma = |img: &Image, w: u32, h: u32| -> anyhow::Result<image::GrayImage> {
+        let rgb = image::RgbImage::from_raw(img.width, img.height, img.rgb.clone())
+            .context("pixel buffer does not match its size")?;
+        let gray = image::DynamicImage::ImageRgb8(rgb).to_luma8();
+        Ok(if (gray.width(), gray.height()) == (w, h) {
+            gray
+        } else {
+            image::imageops::resize(&gray, w, h, image::imageops::FilterType::Triangle)
+        })
+    };
+    let (ga, gb) = (luma(a, b.width, b.height)?, luma(b, b.width, b.height)?);
+    let s =
+        image_compare::gray_similarity_structure(&image_compare::Algorithm::MSSIMSimple, &ga, &gb)?;
+    Ok(s.score as f32)
+}
+
+/// Runs every generation setting on every test display and judges the published images: style
+/// (the judge's vendor is the user's vendor for the category), identity (the judge's content is
+/// nearest to the reference emoji's, among every test emoji's mean over vendors), text agreement
+/// (nearest to its name among every test name), SSIM and embedding cosine to the ground truth,
+/// the ranker's personalization score (against the retrieval-weighted preference, the same
+/// yardstick for every row) and similarity to the user's history (CIS-style: mean cosine of
+/// image embeddings). Also returns the judges' accuracy on the ground truth itself.
 #[allow(clippy::too_many_arguments)]
 pub fn generation_rows(
     sim: &Simulation,
     manifest: &Manifest,
     data_dir: &Path,
     items: &HashMap<String, Arc<[f32]>>,
-    params: &Params,
+    image_only: &HashMap<String, Arc<[f32]>>,
+    retrieval: &Params,
     judge: &EmojiEncoder,
-    text: &EmojiEncoder,
-    generators: &[(&str, &dyn crate::model::Generator)],
+    encoder: &EmojiEncoder,
+    ranker: Option<&crate::model::ranker::LearnedRanker>,
+    specs: &[GenerationSpec],
 ) -> anyhow::Result<(JudgeAccuracy, Vec<GenerationRow>)> {
-    use crate::model::GenerationRequest;
+    use crate::model::{GenerationRequest, Ranker};
     let res = judge.config().resolution;
     let res = if manifest.resolutions.contains(&res) {
         res
     } else {
         crate::data::BASE_RESOLUTION
-    };
-    let test: Vec<&crate::data::EmojiEntry> = manifest.split(Split::Test).collect();
-    let names: Vec<String> = test.iter().map(|e| e.name.to_lowercase()).collect();
-    let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let name_emb = text.embed_texts(&name_refs)?;
-    let index: HashMap<&str, usize> = test
-        .iter()
-        .enumerate()
-        .map(|(i, e)| (e.id.as_str(), i))
-        .collect();
-    let vendor_index: HashMap<&str, usize> = judge
-        .config()
-        .vendors
-        .iter()
-        .enumerate()
-        .map(|(i, v)| (v.as_str(), i))
-        .collect();
-    let recognize = |content: &[f32]| -> usize {
-        name_emb
-            .iter()
-            .enumerate()
-            .max_by(|a, b| cosine(content, a.1).total_cmp(&cosine(content, b.1)))
-            .map_or(usize::MAX, |(i, _)| i)
     };
     let load = |id: &str| -> anyhow::Result<Image> {
         let (vendor, emoji) = id.split_once('.').context("item ids are vendor.emoji")?;
@@ -394,25 +482,63 @@ pub fn generation_rows(
             &std::fs::read(&path).with_context(|| path.display().to_string())?,
         )?)
     };
+    let test: Vec<&crate::data::EmojiEntry> = manifest.split(Split::Test).collect();
+    let names: Vec<String> = test.iter().map(|e| e.name.to_lowercase()).collect();
+    let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut prototypes = Vec::with_capacity(test.len());
+    for e in &test {
+        let drawings: Vec<Image> = manifest
+            .vendor_names()
+            .map(|v| load(&crate::data::simulate::item_id(v, &e.id)))
+            .collect::<anyhow::Result<_>>()?;
+        let refs: Vec<&Image> = drawings.iter().collect();
+        let (_, contents) = judge.judge(&refs)?;
+        let mut mean = vec![0f32; contents.first().map_or(0, Vec::len)];
+        for c in &contents {
+            mean.iter_mut().zip(c).for_each(|(m, x)| *m += x);
+        }
+        prototypes.push(mean);
+    }
+    let judging = Judging {
+        judge,
+        encoder,
+        vendor_index: judge
+            .config()
+            .vendors
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v.as_str(), i))
+            .collect(),
+        test_index: test
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.id.as_str(), i))
+            .collect(),
+        prototypes,
+        names: encoder.embed_texts(&name_refs)?,
+    };
+
     // The judges on the ground truth.
     let truths: Vec<Image> = sim
         .displays
         .iter()
         .map(|d| load(&d.truth_item_id))
         .collect::<anyhow::Result<_>>()?;
-    let (mut style_ok, mut id_ok) = (0usize, 0usize);
+    let (mut style_ok, mut id_ok, mut text_ok) = (0usize, 0usize, 0usize);
     for (chunk_d, chunk_i) in sim.displays.chunks(128).zip(truths.chunks(128)) {
         let refs: Vec<&Image> = chunk_i.iter().collect();
-        let (vendors, contents) = judge.judge(&refs)?;
-        for ((d, v), c) in chunk_d.iter().zip(vendors).zip(contents) {
-            style_ok += (vendor_index.get(d.preferred_vendor.as_str()) == Some(&v)) as usize;
-            id_ok += (index.get(d.emoji_id.as_str()) == Some(&recognize(&c))) as usize;
+        let displays: Vec<_> = chunk_d.iter().collect();
+        for v in judging.verdicts(&refs, &displays)? {
+            style_ok += v.style_right as usize;
+            id_ok += v.identity_right as usize;
+            text_ok += v.text_right as usize;
         }
     }
     let n = sim.displays.len().max(1) as f32;
     let judge_acc = JudgeAccuracy {
         style: style_ok as f32 / n,
         identity: id_ok as f32 / n,
+        text_agreement: text_ok as f32 / n,
         images: sim.displays.len(),
     };
 
@@ -421,35 +547,71 @@ pub fn generation_rows(
     let dim = items.values().next().map_or(0, |e| e.len());
     let cancel = tokio_util::sync::CancellationToken::new();
     let mut rows = Vec::new();
-    for (name, generator) in generators {
-        let (mut tally, mut id_ok) = (Tally::default(), 0usize);
+    for spec in specs {
+        let (mut tally, mut id_ok, mut text_ok) = (Tally::default(), 0usize, 0usize);
+        let (mut ssim_sum, mut truth_cos, mut cis, mut rank_sum) = (0f64, 0f64, 0f64, 0f64);
         let mut seconds = 0f64;
-        for d in &sim.displays {
+        for (d, truth) in sim.displays.iter().zip(&truths) {
             let h = hist.get(d.user_id.as_str()).unwrap_or(&empty);
             let reference = &items[&d.item_id];
-            let weighted = preference::weigh(reference, h, d.ts_ms, params);
+            let weighted = preference::weigh(reference, h, d.ts_ms, &spec.params);
             let request = GenerationRequest {
                 reference: Arc::new(load(&d.item_id)?),
                 reference_embedding: reference.clone(),
                 preference: preference::preference_vector(h, &weighted, dim).map(Arc::from),
-                seeds: vec![d.seed],
+                seeds: (0..spec.candidates.max(1) as u64)
+                    .map(|i| d.seed.wrapping_add(i))
+                    .collect(),
             };
             let started = std::time::Instant::now();
-            let out = generator.generate(std::slice::from_ref(&request), &cancel)?;
+            let mut out = spec
+                .generator
+                .generate(std::slice::from_ref(&request), &cancel)?
+                .remove(0);
+            let pick = match (out.len(), ranker) {
+                (0, _) => anyhow::bail!("{} gave no candidate", spec.name),
+                (1, _) | (_, None) => 0,
+                (_, Some(r)) => crate::model::best(&r.score(&request, &out)?).unwrap_or(0),
+            };
             seconds += started.elapsed().as_secs_f64();
-            let image = &out[0][0].image;
-            let (vendors, contents) = judge.judge(&[image])?;
-            let style_right = vendor_index.get(d.preferred_vendor.as_str()) == Some(&vendors[0]);
-            id_ok += (index.get(d.emoji_id.as_str()) == Some(&recognize(&contents[0]))) as usize;
-            tally.add(d.user_kind, style_right);
+            let image = out.swap_remove(pick).image;
+            let v = judging.verdicts(&[&image], &[d])?.remove(0);
+            tally.add(d.user_kind, v.style_right);
+            id_ok += v.identity_right as usize;
+            text_ok += v.text_right as usize;
+            ssim_sum += ssim(&image, truth)? as f64;
+            let emb = judging
+                .encoder
+                .encode_batch(&[(Some(&image), None)])?
+                .remove(0);
+            truth_cos += cosine(&emb, &image_only[&d.truth_item_id]) as f64;
+            if !h.is_empty() {
+                cis += h
+                    .iter()
+                    .map(|e| cosine(&emb, &image_only[&e.item_id]) as f64)
+                    .sum::<f64>()
+                    / h.len() as f64;
+            }
+            if let Some(r) = ranker {
+                let w = preference::weigh(reference, h, d.ts_ms, retrieval);
+                if let Some(p) = preference::preference_vector(h, &w, dim) {
+                    let s = r.personalization(&p, &[emb])?[0];
+                    rank_sum += 1.0 / (1.0 + (-s as f64).exp());
+                }
+            }
         }
         let style = tally.accuracy();
-        let n = style.displays.max(1);
+        let n = style.displays.max(1) as f64;
         rows.push(GenerationRow {
-            name: name.to_string(),
+            name: spec.name.clone(),
             style,
-            identity: id_ok as f32 / n as f32,
-            seconds_per_image: (seconds / n as f64) as f32,
+            identity: (id_ok as f64 / n) as f32,
+            text_agreement: (text_ok as f64 / n) as f32,
+            ssim: (ssim_sum / n) as f32,
+            truth_cosine: (truth_cos / n) as f32,
+            ranker_score: ranker.map(|_| (rank_sum / n) as f32),
+            history_similarity: (cis / n) as f32,
+            seconds_per_image: (seconds / n) as f32,
         });
     }
     Ok((judge_acc, rows))
@@ -465,13 +627,15 @@ pub fn nearest_vendor(style: &[f32], prototypes: &[(String, Vec<f32>)]) -> Strin
 }
 
 /// Runs the preference-level evaluation and writes `OUT/report.md` and `OUT/report.html`.
-pub fn run(
-    opts: &EvalOptions,
-    encoder: &EmojiEncoder,
-    encoder_name: &str,
-    ranker: Option<&crate::model::ranker::LearnedRanker>,
-    judge: Option<&EmojiEncoder>,
-) -> anyhow::Result<PreferenceReport> {
+pub fn run(opts: &EvalOptions, models: &EvalModels) -> anyhow::Result<PreferenceReport> {
+    let EvalModels {
+        encoder,
+        encoder_name,
+        ranker,
+        judge,
+        generator,
+        finetuned,
+    } = *models;
     let manifest = Manifest::load(&opts.data_dir)?;
     let val_sim = simulate(
         &manifest,
@@ -561,10 +725,14 @@ pub fn run(
         tau,
         ..base
     };
+    let image_only = if ranker.is_some() || judge.is_some() {
+        embed_items(encoder, &manifest, &opts.data_dir, &ids, false)?
+    } else {
+        HashMap::new()
+    };
     let ranker_eval = match ranker {
         None => None,
         Some(r) => {
-            let image_only = embed_items(encoder, &manifest, &opts.data_dir, &ids, false)?;
             let pairs = ranker_pairs(
                 &test_sim,
                 &emb.items,
@@ -614,18 +782,55 @@ pub fn run(
     let (judge_acc, generation) = match judge {
         Some(j) => {
             let passthrough = crate::model::Passthrough;
+            let n = opts.best_of.max(1);
+            let mut specs = vec![GenerationSpec {
+                name: "no personalization (reference passed through)".into(),
+                generator: &passthrough,
+                params: retrieval.clone(),
+                candidates: 1,
+            }];
+            if let Some(g) = generator {
+                specs.push(GenerationSpec {
+                    name: "diffusion, uniform weighting".into(),
+                    generator: g,
+                    params: uniform.clone(),
+                    candidates: 1,
+                });
+                specs.push(GenerationSpec {
+                    name: "diffusion, retrieval weighting".into(),
+                    generator: g,
+                    params: retrieval.clone(),
+                    candidates: 1,
+                });
+                if ranker.is_some() {
+                    specs.push(GenerationSpec {
+                        name: format!("diffusion, retrieval weighting + ranker best-of-{n}"),
+                        generator: g,
+                        params: retrieval.clone(),
+                        candidates: n,
+                    });
+                }
+            }
+            if let Some(g) = finetuned {
+                let candidates = if ranker.is_some() { n } else { 1 };
+                specs.push(GenerationSpec {
+                    name: format!("+ rank-task fine-tuning (retrieval, best-of-{candidates})"),
+                    generator: g,
+                    params: retrieval.clone(),
+                    candidates,
+                });
+            }
             let (acc, rows) = generation_rows(
                 &test_sim,
                 &manifest,
                 &opts.data_dir,
                 &emb.items,
+                &image_only,
                 &retrieval,
                 j,
                 encoder,
-                &[(
-                    "no personalization (reference passed through)",
-                    &passthrough,
-                )],
+                ranker,
+                &specs,
             )?;
             (Some(acc), rows)
         }
@@ -739,25 +944,35 @@ pub fn markdown(r: &PreferenceReport) -> String {
         let _ = writeln!(s, "## Generation, test displays\n");
         let _ = writeln!(
             s,
-            "Judges (an encoder trained in a separate run): on the {} ground-truth drawings, style {} and identity {}.\n",
+            "Judges (an encoder trained in a separate run): on the {} ground-truth drawings, style {}, identity {}, text agreement {}.\n",
             j.images,
             pct(j.style),
-            pct(j.identity)
+            pct(j.identity),
+            pct(j.text_agreement)
         );
-        let _ = writeln!(s, "| generator | style, category-dependent | style, global | style, all | identity | s/image (this CPU) |");
-        let _ = writeln!(s, "|---|---|---|---|---|---|");
+        let _ = writeln!(s, "| setting | style, category-dependent | style, global | style, all | identity | text agreement | SSIM to truth | cosine to truth | ranker score | history similarity | s/image (this CPU) |");
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
         for g in &r.generation {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {:.4} |",
+                "| {} | {} | {} | {} | {} | {} | {:.3} | {:.3} | {} | {:.3} | {:.4} |",
                 g.name,
                 pct(g.style.category_dependent),
                 pct(g.style.global),
                 pct(g.style.all),
                 pct(g.identity),
+                pct(g.text_agreement),
+                g.ssim,
+                g.truth_cosine,
+                g.ranker_score.map_or("–".into(), |x| format!("{x:.3}")),
+                g.history_similarity,
                 g.seconds_per_image
             );
         }
+        let _ = writeln!(
+            s,
+            "\nStyle: the judge's vendor is the user's for the category. Identity: the judge's content is nearest to the reference emoji's (mean over vendors) among every test emoji; text agreement: nearest to its name. Ranker score: σ(personalization) against the retrieval-weighted preference. History similarity: mean cosine to the user's history drawings (CIS-style)."
+        );
         let _ = writeln!(s);
     }
     let _ = writeln!(s, "### k and τ on val (category-dependent users)\n");
@@ -844,39 +1059,11 @@ mod tests {
     /// grid, and writes both reports with sane figures.
     #[test]
     fn smoke_on_a_tiny_subset() {
-        use crate::model::emoji::{EmojiEncoderConfig, EmojiNet};
-        use candle_core::{DType, Device};
-        use candle_nn::{VarBuilder, VarMap};
-
+        use crate::data::simulate::testdata;
         let dir = tempfile::tempdir().unwrap();
-        let mut m = crate::data::simulate::testdata::manifest();
-        m.resolutions = vec![16];
-        crate::data::simulate::testdata::write_images(&m, dir.path(), 16);
-        std::fs::write(
-            crate::data::manifest_path(dir.path()),
-            serde_json::to_vec(&m).unwrap(),
-        )
-        .unwrap();
+        let m = testdata::dataset(dir.path(), 16);
         let bundle = dir.path().join("enc");
-        std::fs::create_dir_all(&bundle).unwrap();
-        let cfg = EmojiEncoderConfig {
-            channels: [4, 4, 8, 8],
-            style_dim: 4,
-            ..EmojiEncoderConfig::new(m.vendor_names().map(str::to_string).collect(), 16)
-        };
-        let vm = VarMap::new();
-        EmojiNet::new(
-            cfg.clone(),
-            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
-        )
-        .unwrap();
-        crate::train::seeded_init(&vm, 3).unwrap();
-        vm.save(bundle.join("model.safetensors")).unwrap();
-        std::fs::write(
-            bundle.join("config.json"),
-            serde_json::to_vec(&cfg).unwrap(),
-        )
-        .unwrap();
+        testdata::tiny_encoder(&bundle, &m, 16);
         let encoder = EmojiEncoder::load(&bundle, None).unwrap();
         let opts = EvalOptions {
             data_dir: dir.path().to_path_buf(),
@@ -889,8 +1076,20 @@ mod tests {
             },
             ks: vec![4, 8],
             taus: vec![0.1],
+            best_of: 2,
         };
-        let r = run(&opts, &encoder, "tiny", None, None).unwrap();
+        let r = run(
+            &opts,
+            &EvalModels {
+                encoder: &encoder,
+                encoder_name: "tiny",
+                ranker: None,
+                judge: None,
+                generator: None,
+                finetuned: None,
+            },
+        )
+        .unwrap();
         assert_eq!(r.sweep.len(), 2);
         assert_eq!(r.test_uniform.displays, 24);
         for a in [
@@ -929,14 +1128,34 @@ mod tests {
             },
             sim: SimConfig::default(),
             ranker: None,
-            judge: None,
-            generation: Vec::new(),
+            judge: Some(JudgeAccuracy {
+                style: 0.8,
+                identity: 0.9,
+                text_agreement: 0.2,
+                images: 10,
+            }),
+            generation: vec![GenerationRow {
+                name: "diffusion <retrieval>".into(),
+                style: a,
+                identity: 0.85,
+                text_agreement: 0.15,
+                ssim: 0.5,
+                truth_cosine: 0.75,
+                ranker_score: None,
+                history_similarity: 0.4,
+                seconds_per_image: 0.01,
+            }],
         };
         let md = markdown(&r);
         assert!(md.contains("+20.0 points"), "{md}");
         assert_eq!(md.lines().filter(|l| l.starts_with("| test")).count(), 2);
+        assert!(
+            md.contains("| 85.0% | 15.0% | 0.500 | 0.750 | – | 0.400 |"),
+            "{md}"
+        );
         let page = html(&r);
-        assert_eq!(page.matches("<table>").count(), 2);
+        assert_eq!(page.matches("<table>").count(), 3);
         assert!(page.contains("<td>70.0%</td>"));
+        assert!(page.contains("diffusion &lt;retrieval&gt;"));
     }
 }

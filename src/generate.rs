@@ -58,6 +58,17 @@ pub struct GenerateStage {
     pub batch_delay: Duration,
     /// Cancelled when the worker stops waiting: the model stops between steps.
     pub cancel: CancellationToken,
+    /// Every candidate's image goes into the output (`generate.publish_candidate_images`).
+    pub candidate_images: bool,
+}
+
+fn png_payload(img: &Image, png: &[u8]) -> ImagePayload {
+    ImagePayload {
+        format: "png",
+        width: img.width,
+        height: img.height,
+        base64: base64::engine::general_purpose::STANDARD.encode(png),
+    }
 }
 
 type ModelOutput = (Vec<Vec<Candidate>>, Vec<Vec<Scores>>, f64, f64);
@@ -177,12 +188,7 @@ impl GenerateStage {
             event_id: job.event.event_id.clone(),
             user_id: job.event.user_id.clone(),
             item_id: job.event.item_id.clone(),
-            image: ImagePayload {
-                format: "png",
-                width: img.width,
-                height: img.height,
-                base64: base64::engine::general_purpose::STANDARD.encode(&png),
-            },
+            image: png_payload(img, &png),
             chosen,
             scores: ScoresOut {
                 personalization: s.personalization,
@@ -198,6 +204,15 @@ impl GenerateStage {
                     personalization: s.personalization,
                     fidelity: s.fidelity,
                     total: s.total,
+                    image: if !self.candidate_images || index == chosen {
+                        None
+                    } else {
+                        cands[index]
+                            .image
+                            .to_png()
+                            .ok()
+                            .map(|png| png_payload(&cands[index].image, &png))
+                    },
                 })
                 .collect(),
             history: std::mem::take(&mut job.used),

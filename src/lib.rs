@@ -14,7 +14,8 @@
 //!    the ranker scores them; the best one is published ([`publish`]) and the display acknowledged.
 //!
 //! [`worker`] wires these together; [`config`] loads the settings; [`telemetry`] exports metrics,
-//! health and logs; [`broker`] runs an in-process Kafka for trying it all out.
+//! health and logs; [`broker`] runs an in-process Kafka for trying it all out, [`produce`] sends
+//! event files to Kafka, and [`demo`] streams simulated users through it all.
 //!
 //! Offline, [`data`] builds the EmojiStyle evaluation set and simulates its users, [`train`]
 //! trains the models behind the [`model`] traits on it, and [`eval`] measures them.
@@ -22,6 +23,8 @@
 pub mod broker;
 pub mod config;
 pub mod data;
+#[cfg(feature = "lance")]
+pub mod demo;
 pub mod eval;
 pub mod event;
 #[cfg(feature = "lance")]
@@ -31,6 +34,7 @@ pub mod ingest;
 pub mod model;
 pub mod offsets;
 pub mod preference;
+pub mod produce;
 pub mod publish;
 pub mod telemetry;
 pub mod train;

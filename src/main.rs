@@ -20,12 +20,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the worker until SIGTERM or SIGINT.
+    #[cfg(feature = "lance")]
     Run {
         /// TOML configuration file; `RAGAR_*` environment variables override it.
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// Print the effective configuration (defaults, then the file, then the environment) and exit.
+    /// Print the effective configuration (defaults, then the file, then the environment; secrets
+    /// hidden) and exit.
     Config {
         #[arg(long, short)]
         config: Option<PathBuf>,
@@ -35,7 +37,7 @@ enum Command {
         #[command(subcommand)]
         step: DataStep,
     },
-    /// Train a model on the EmojiStyle data: `encoder` (the item encoder) or `ranker`.
+    /// Train a model on the EmojiStyle data: `encoder` (the item encoder), `ranker` or `generator`.
     Train {
         #[command(subcommand)]
         model: TrainModel,
@@ -56,6 +58,18 @@ enum Command {
         /// `ragar train encoder --out models/judge --seed 2`); generation rows need it.
         #[arg(long, default_value = "models/judge")]
         judge_dir: PathBuf,
+        /// The diffusion generator's bundle; its rows are left out when the directory has none.
+        #[arg(long, default_value = "models/generator")]
+        generator_dir: PathBuf,
+        /// The generator after rank-task fine-tuning (`ragar train generator --finetune-from`).
+        #[arg(long, default_value = "models/generator-ranktuned")]
+        finetuned_dir: PathBuf,
+        /// Sampling steps of the generators (0: each bundle's default).
+        #[arg(long, default_value_t = 0)]
+        steps: usize,
+        /// Candidates per display in the best-of-N rows.
+        #[arg(long, default_value_t = 4)]
+        best_of: usize,
         #[arg(long, default_value = "data/eval")]
         out: PathBuf,
         #[arg(long, default_value_t = 300)]
@@ -70,6 +84,51 @@ enum Command {
         k: Vec<usize>,
         #[arg(long, value_delimiter = ',', default_values_t = [0.1f32, 0.2, 0.5, 1.0])]
         tau: Vec<f32>,
+    },
+    /// The whole pipeline on this machine: simulated EmojiStyle users stream through the real
+    /// worker (in-process Kafka, local LanceDB, Redis); writes an HTML gallery and prints its path.
+    #[cfg(feature = "lance")]
+    Demo {
+        #[arg(long, default_value_t = 24)]
+        users: usize,
+        /// Display requests per user.
+        #[arg(long, default_value_t = 2)]
+        displays: usize,
+        /// Interactions per user.
+        #[arg(long, default_value_t = 40)]
+        history: usize,
+        #[arg(long, default_value_t = 11)]
+        seed: u64,
+        /// Candidates per display (the ranker publishes the best).
+        #[arg(long, default_value_t = 4)]
+        candidates: u32,
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+        /// Output directory (replaced): stream files, LanceDB, gallery/.
+        #[arg(long, default_value = "data/demo")]
+        out: PathBuf,
+        #[arg(long, default_value = "redis://127.0.0.1:6379/")]
+        redis_url: String,
+        /// Model bundles (the committed ones by default).
+        #[arg(long, default_value = "models")]
+        models_dir: PathBuf,
+        /// Users shown in the gallery.
+        #[arg(long, default_value_t = 12)]
+        gallery_users: usize,
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Send events from a JSON-lines file to a topic (items keyed by item_id, others by user_id).
+    Produce {
+        #[arg(long)]
+        topic: String,
+        /// `bootstrap.servers`; defaults to the configuration's `kafka.brokers`.
+        #[arg(long)]
+        brokers: Option<String>,
+        /// Worker configuration whose `[kafka]` section (brokers, security options) is used.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        file: PathBuf,
     },
     /// Serve an in-process Kafka with the worker's topics; prints `bootstrap.servers=HOST:PORT` first.
     Broker {
@@ -170,6 +229,53 @@ enum TrainModel {
     },
     /// The learned ranker: pairwise loss on simulated interaction logs (needs the encoder bundle).
     Ranker(RankerArgs),
+    /// The diffusion generator (needs the encoder bundle); `--finetune-from` fine-tunes a trained
+    /// one against the ranker (the rank task).
+    Generator(GeneratorArgs),
+}
+
+#[derive(clap::Args)]
+struct GeneratorArgs {
+    #[arg(long, default_value = "data")]
+    data_dir: PathBuf,
+    #[arg(long, default_value = "models/emoji-encoder")]
+    encoder_dir: PathBuf,
+    /// Bundle directory (config.json, model.safetensors, curves.csv, checkpoint/).
+    #[arg(long, default_value = "models/generator")]
+    out: PathBuf,
+    /// Width of the full-resolution blocks (ignored when fine-tuning).
+    #[arg(long, default_value_t = 16)]
+    channels: usize,
+    /// Sampling steps (the bundle's default; used by val and by fine-tuning).
+    #[arg(long, default_value_t = 4)]
+    steps: usize,
+    #[arg(long, default_value_t = 8)]
+    epochs: usize,
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long)]
+    resume: bool,
+    /// Only the first N emoji of each split (smoke runs).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Fine-tune this trained bundle against the ranker instead of training from scratch.
+    #[arg(long)]
+    finetune_from: Option<PathBuf>,
+    /// The ranker the fine-tuning raises.
+    #[arg(long, default_value = "models/ranker")]
+    ranker_dir: PathBuf,
+    /// Weight of softplus(−ranker personalization) in the fine-tuning loss.
+    #[arg(long, default_value_t = 0.05)]
+    rank_weight: f64,
+    /// Weight of (1 − content cosine to the reference) in the fine-tuning loss.
+    #[arg(long, default_value_t = 0.5)]
+    fidelity_weight: f64,
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(clap::Args)]
@@ -235,6 +341,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     match cli.command {
+        #[cfg(feature = "lance")]
         Command::Run { config } => {
             let cfg = ragar::config::Config::load(config.as_deref())?;
             ragar::telemetry::init_logging(&cfg.telemetry);
@@ -251,7 +358,7 @@ fn main() -> anyhow::Result<()> {
             let cfg = ragar::config::Config::load(config.as_deref())?;
             print!(
                 "{}",
-                toml::to_string_pretty(&cfg).context("rendering the configuration")?
+                toml::to_string_pretty(&cfg.redacted()).context("rendering the configuration")?
             );
         }
         Command::Data {
@@ -403,12 +510,52 @@ fn main() -> anyhow::Result<()> {
                 );
             }
         }
+        Command::Train {
+            model: TrainModel::Generator(a),
+        } => {
+            ragar::telemetry::init_logging(&ragar::config::Config::default().telemetry);
+            use ragar::train::generator::{train_generator, FineTune, GeneratorTraining};
+            let curves = train_generator(&GeneratorTraining {
+                data_dir: a.data_dir,
+                encoder_dir: a.encoder_dir,
+                out: a.out.clone(),
+                channels: a.channels,
+                steps: a.steps,
+                epochs: a.epochs,
+                batch: a.batch,
+                lr: a.lr,
+                seed: a.seed,
+                resume: a.resume,
+                progress: !a.quiet,
+                limit: a.limit,
+                finetune: a.finetune_from.map(|from| FineTune {
+                    from,
+                    ranker_dir: a.ranker_dir,
+                    rank_weight: a.rank_weight,
+                    fidelity_weight: a.fidelity_weight,
+                }),
+            })?;
+            if let Some(last) = curves.last() {
+                println!(
+                    "{}: epoch {}, train loss {:.4}, val L1 {:.4}, val style accuracy {:.3}",
+                    a.out.display(),
+                    last.epoch,
+                    last.train_loss,
+                    last.val_l1,
+                    last.val_style_acc
+                );
+            }
+        }
         Command::Eval {
             data_dir,
             encoder_dir,
             minilm_dir,
             ranker_dir,
             judge_dir,
+            generator_dir,
+            finetuned_dir,
+            steps,
+            best_of,
             out,
             users,
             history,
@@ -446,7 +593,26 @@ fn main() -> anyhow::Result<()> {
                 },
                 ks: k,
                 taus: tau,
+                best_of,
             };
+            let steps = (steps > 0).then_some(steps);
+            let load_generator = |dir: &std::path::Path| -> anyhow::Result<
+                Option<ragar::model::diffusion::StyleDiffusion>,
+            > {
+                if dir.join("config.json").is_file() {
+                    Ok(Some(ragar::model::diffusion::StyleDiffusion::load(
+                        dir, steps,
+                    )?))
+                } else {
+                    eprintln!(
+                        "no generator bundle in {}: its rows are left out",
+                        dir.display()
+                    );
+                    Ok(None)
+                }
+            };
+            let generator = load_generator(&generator_dir)?;
+            let finetuned = load_generator(&finetuned_dir)?;
             // The judges read images only; test names are embedded by the encoder's MiniLM.
             let judge = if judge_dir.join("config.json").is_file() {
                 Some(ragar::model::emoji::EmojiEncoder::load(&judge_dir, None)?)
@@ -457,12 +623,21 @@ fn main() -> anyhow::Result<()> {
                 );
                 None
             };
+            let encoder_name = encoder_dir.display().to_string();
             let report = ragar::eval::run(
                 &opts,
-                &encoder,
-                &encoder_dir.display().to_string(),
-                ranker.as_ref(),
-                judge.as_ref(),
+                &ragar::eval::EvalModels {
+                    encoder: &encoder,
+                    encoder_name: &encoder_name,
+                    ranker: ranker.as_ref(),
+                    judge: judge.as_ref(),
+                    generator: generator
+                        .as_ref()
+                        .map(|g| g as &dyn ragar::model::Generator),
+                    finetuned: finetuned
+                        .as_ref()
+                        .map(|g| g as &dyn ragar::model::Generator),
+                },
             )?;
             print!("{}", ragar::eval::markdown(&report));
             println!(
@@ -470,6 +645,91 @@ fn main() -> anyhow::Result<()> {
                 out.display(),
                 out.display()
             );
+        }
+        #[cfg(feature = "lance")]
+        Command::Demo {
+            users,
+            displays,
+            history,
+            seed,
+            candidates,
+            data_dir,
+            out,
+            redis_url,
+            models_dir,
+            gallery_users,
+            quiet,
+        } => {
+            let mut telemetry = ragar::config::Config::default().telemetry;
+            telemetry.log_filter = "warn".into();
+            ragar::telemetry::init_logging(&telemetry);
+            let generator_dir = models_dir.join("generator");
+            let models = ragar::config::ModelsConfig {
+                dim: 416,
+                encoder: "emoji".into(),
+                encoder_dir: models_dir.join("emoji-encoder"),
+                minilm_dir: data_dir.join(ragar::model::minilm::MINILM_DIR),
+                generator: if generator_dir.join("config.json").is_file() {
+                    "diffusion".into()
+                } else {
+                    eprintln!(
+                        "no generator bundle in {}: publishing references unchanged",
+                        generator_dir.display()
+                    );
+                    "passthrough".into()
+                },
+                generator_dir,
+                ranker: "learned".into(),
+                ranker_dir: models_dir.join("ranker"),
+                ..Default::default()
+            };
+            let built = ragar::worker::Models::from_config(&models)?;
+            let report = runtime.block_on(ragar::demo::run(
+                &ragar::demo::DemoOptions {
+                    data_dir,
+                    out,
+                    users,
+                    history,
+                    displays,
+                    seed,
+                    redis_url,
+                    models,
+                    candidates,
+                    partitions: 4,
+                    gallery_users,
+                    progress: !quiet,
+                    timeout: Duration::from_secs(1800),
+                },
+                built,
+            ))?;
+            println!(
+                "{} users: {} catalog items and {} events streamed, {} of {} images published in {:.1} s (latency p50 {:.0} ms, p99 {:.0} ms; generator {})",
+                users,
+                report.items,
+                report.events,
+                report.outputs,
+                report.displays,
+                report.seconds,
+                report.latency_p50_ms,
+                report.latency_p99_ms,
+                report.generator
+            );
+            println!("gallery: {}", report.gallery.display());
+        }
+        Command::Produce {
+            topic,
+            brokers,
+            config,
+            file,
+        } => {
+            let mut cfg = ragar::config::Config::load(config.as_deref())?;
+            if let Some(b) = brokers {
+                cfg.kafka.brokers = b;
+            }
+            let n = runtime.block_on(ragar::produce::produce_file(
+                &cfg.kafka, &topic, &file, true,
+            ))?;
+            println!("{n} messages sent to {topic}");
         }
         Command::Broker { partitions } => {
             anyhow::ensure!(partitions > 0, "--partitions must be at least 1");

@@ -64,6 +64,9 @@ pub struct CandidateOut {
     pub personalization: f32,
     pub fidelity: f32,
     pub total: f32,
+    /// The candidate's image, with `generate.publish_candidate_images`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImagePayload>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -19,6 +19,7 @@ use crate::history::lance::{LanceError, LanceStore};
 use crate::history::stage::{DlqTasks, HistoryStage};
 use crate::history::store::History;
 use crate::ingest::Ingest;
+use crate::model::diffusion::StyleDiffusion;
 use crate::model::emoji::EmojiEncoder;
 use crate::model::minilm::MiniLm;
 use crate::model::ranker::LearnedRanker;
@@ -107,7 +108,33 @@ impl Models {
         };
         let generator: Arc<dyn Generator> = match cfg.generator.as_str() {
             "passthrough" => Arc::new(Passthrough),
-            other => return Err(unknown("models.generator", other, "passthrough")),
+            "diffusion" => {
+                let Some(encoder) = &encoder else {
+                    return Err(ConfigError::Invalid {
+                        key: "models.generator".into(),
+                        message: "the diffusion generator needs models.encoder = \"emoji\"".into(),
+                    });
+                };
+                let steps = (cfg.generator_steps > 0).then_some(cfg.generator_steps);
+                let generator = StyleDiffusion::load(&cfg.generator_dir, steps).map_err(|e| {
+                    ConfigError::Invalid {
+                        key: "models.generator_dir".into(),
+                        message: e.to_string(),
+                    }
+                })?;
+                if generator.config().embedding_dim != encoder.dim() {
+                    return Err(ConfigError::Invalid {
+                        key: "models.generator_dir".into(),
+                        message: format!(
+                            "the generator reads {}-value embeddings, the encoder gives {}",
+                            generator.config().embedding_dim,
+                            encoder.dim()
+                        ),
+                    });
+                }
+                Arc::new(generator)
+            }
+            other => return Err(unknown("models.generator", other, "passthrough, diffusion")),
         };
         let ranker: Arc<dyn Ranker> = match cfg.ranker.as_str() {
             "cosine" => Arc::new(CosineRanker {
@@ -220,6 +247,7 @@ pub async fn run(
         batch_max: cfg.generate.batch_max,
         batch_delay: cfg.generate.batch_delay,
         cancel: abort.clone(),
+        candidate_images: cfg.generate.publish_candidate_images,
     };
     let mut stages = tokio::spawn(async move {
         let gen = tokio::spawn(generate_stage.run(job_rx));
@@ -354,6 +382,10 @@ mod tests {
             key_of(&with(&|c| c.generator = "sd".into())),
             "models.generator"
         );
+        assert_eq!(
+            key_of(&with(&|c| c.generator = "diffusion".into())),
+            "models.generator"
+        );
         assert!(
             Models::from_config(&base).is_ok(),
             "the baselines need no files"
@@ -376,9 +408,19 @@ mod tests {
             minilm_dir,
             encoder_dir: root.join("models/emoji-encoder"),
             ranker_dir: root.join("models/ranker"),
+            generator: "diffusion".into(),
+            generator_dir: root.join("models/generator"),
             ..ModelsConfig::default()
         };
         let models = Models::from_config(&cfg).unwrap();
+        assert!(models.generator.version().starts_with("generator:"));
+        assert_eq!(
+            key_of(&ModelsConfig {
+                generator_dir: root.join("models/ranker"),
+                ..cfg.clone()
+            }),
+            "models.generator_dir"
+        );
         let enc = models.encoder.unwrap();
         assert_eq!(enc.dim(), 416);
         let e = enc

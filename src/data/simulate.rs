@@ -519,6 +519,45 @@ pub(crate) mod testdata {
             }
         }
     }
+
+    /// The synthetic data set at `res` px under `data_dir`: manifest and every drawing.
+    pub(crate) fn dataset(data_dir: &Path, res: u32) -> Manifest {
+        let mut m = manifest();
+        m.resolutions = vec![res];
+        write_images(&m, data_dir, res);
+        std::fs::write(
+            crate::data::manifest_path(data_dir),
+            serde_json::to_vec(&m).unwrap(),
+        )
+        .unwrap();
+        m
+    }
+
+    /// A small random-weight (seeded) item encoder bundle for `m`'s vendors at `res` px.
+    pub(crate) fn tiny_encoder(bundle: &Path, m: &Manifest, res: u32) {
+        use crate::model::emoji::{EmojiEncoderConfig, EmojiNet};
+        use candle_core::{DType, Device};
+        use candle_nn::{VarBuilder, VarMap};
+        std::fs::create_dir_all(bundle).unwrap();
+        let cfg = EmojiEncoderConfig {
+            channels: [4, 4, 8, 8],
+            style_dim: 4,
+            ..EmojiEncoderConfig::new(m.vendor_names().map(str::to_string).collect(), res)
+        };
+        let vm = VarMap::new();
+        EmojiNet::new(
+            cfg.clone(),
+            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        crate::train::seeded_init(&vm, 3).unwrap();
+        vm.save(bundle.join("model.safetensors")).unwrap();
+        std::fs::write(
+            bundle.join("config.json"),
+            serde_json::to_vec(&cfg).unwrap(),
+        )
+        .unwrap();
+    }
 }
 
 #[cfg(test)]

@@ -133,6 +133,23 @@ impl EmojiNet {
         })
     }
 
+    /// The image-only item embedding of a batch, as a candle expression (so a generator can be
+    /// trained through it): `normalize([cw · normalize(content), sw · normalize(style)])`, and the
+    /// normalized content block. Same values as [`EmojiEncoder::encode_batch`] without text.
+    pub fn image_embedding(&self, x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let f = self.forward(x)?;
+        let content = l2_normalize(&f.content)?;
+        let style = l2_normalize(&f.style)?;
+        let joined = Tensor::cat(
+            &[
+                (&content * self.config.content_weight as f64)?,
+                (style * self.config.style_weight as f64)?,
+            ],
+            1,
+        )?;
+        Ok((l2_normalize(&joined)?, content))
+    }
+
     /// Images as a `[b, 3, res, res]` tensor in [-1, 1] (transparent pixels on white).
     pub fn batch(&self, images: &[&Image], device: &Device) -> Result<Tensor, ModelError> {
         images_to_tensor(images, self.config.resolution, device)
@@ -183,7 +200,15 @@ pub struct EmojiEncoder {
 impl EmojiEncoder {
     /// Loads a bundle directory; `minilm` (optional) embeds item texts.
     pub fn load(dir: &Path, minilm: Option<MiniLm>) -> Result<EmojiEncoder, ModelError> {
-        let device = Device::Cpu;
+        Self::load_on(dir, minilm, Device::Cpu)
+    }
+
+    /// [`EmojiEncoder::load`] onto `device` (a trainer on a GPU keeps everything there).
+    pub fn load_on(
+        dir: &Path,
+        minilm: Option<MiniLm>,
+        device: Device,
+    ) -> Result<EmojiEncoder, ModelError> {
         let (config, vb) = load_bundle::<EmojiEncoderConfig>(dir, &device)?;
         let net = EmojiNet::new(config, vb)
             .map_err(|e| ModelError::Bundle(format!("{}: {e}", dir.display())))?;
@@ -198,6 +223,25 @@ impl EmojiEncoder {
 
     pub fn config(&self) -> &EmojiEncoderConfig {
         &self.net.config
+    }
+
+    /// The network itself (for training other models through it).
+    pub fn net(&self) -> &EmojiNet {
+        &self.net
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// L2-normalized style blocks of images (how each is drawn), in batches of 256.
+    pub fn styles(&self, images: &[&Image]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let mut out = Vec::with_capacity(images.len());
+        for chunk in images.chunks(256) {
+            let f = self.net.forward(&self.net.batch(chunk, &self.device)?)?;
+            out.extend(l2_normalize(&f.style)?.to_vec2::<f32>()?);
+        }
+        Ok(out)
     }
 
     /// As a judge: each image's most likely vendor (index into `config().vendors`) and its

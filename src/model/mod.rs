@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::preference::cosine;
 
+pub mod diffusion;
 pub mod emoji;
 pub mod minilm;
 pub mod ranker;

@@ -1,4 +1,10 @@
-//! `ragar train encoder`: trains the EmojiStyle image encoder ([`crate::model::emoji`]).
+//! `ragar train encoder|ranker|generator`: the learned models behind the [`crate::model`] traits.
+//!
+//! The encoder ([`crate::model::emoji`]) is trained here; the ranker below it; the generator in
+//! [`generator`]. All share one run layout ([`Run`]): seeded initialization, a checkpoint after
+//! every epoch, `--resume`, `curves.csv`, and the bundle at the end.
+//!
+//! ## The encoder
 //!
 //! Data: every train-split emoji drawn by every vendor, at the bundle's resolution. Each step
 //! takes a batch of distinct emoji, each drawn by a random vendor, and minimizes
@@ -29,6 +35,8 @@ use crate::data::{EmojiEntry, Manifest, Split};
 use crate::model::emoji::{argmax_rows, images_to_tensor, EmojiEncoderConfig, EmojiNet};
 use crate::model::minilm::{l2_normalize, MiniLm};
 use crate::model::Image;
+
+pub mod generator;
 
 /// InfoNCE temperature.
 pub const TEMPERATURE: f64 = 0.05;
@@ -210,16 +218,7 @@ fn load_split(
     minilm: &MiniLm,
     device: &Device,
 ) -> anyhow::Result<SplitData> {
-    let vendors: Vec<&str> = manifest.vendor_names().collect();
-    let mut images = Vec::with_capacity(entries.len() * vendors.len());
-    for e in entries {
-        for v in &vendors {
-            let path = manifest.image_path(data_dir, v, res, &e.id);
-            let bytes =
-                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-            images.push(Image::from_png(&bytes).with_context(|| path.display().to_string())?);
-        }
-    }
+    let images = split_images(manifest, data_dir, entries, res)?;
     let refs: Vec<&Image> = images.iter().collect();
     let images = images_to_tensor(&refs, res, device)?;
     let names: Vec<String> = entries.iter().map(|e| e.name.to_lowercase()).collect();
@@ -235,6 +234,26 @@ fn load_split(
         text,
         n: entries.len(),
     })
+}
+
+/// Every vendor's drawing of `entries` at `res`: emoji `i` by vendor `v` at `i * vendors + v`.
+fn split_images(
+    manifest: &Manifest,
+    data_dir: &Path,
+    entries: &[&EmojiEntry],
+    res: u32,
+) -> anyhow::Result<Vec<Image>> {
+    let vendors: Vec<&str> = manifest.vendor_names().collect();
+    let mut images = Vec::with_capacity(entries.len() * vendors.len());
+    for e in entries {
+        for v in &vendors {
+            let path = manifest.image_path(data_dir, v, res, &e.id);
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            images.push(Image::from_png(&bytes).with_context(|| path.display().to_string())?);
+        }
+    }
+    Ok(images)
 }
 
 /// Uniform(-1/√fan_in, 1/√fan_in) for weights, zeros for biases, from `seed` in name order.
