@@ -286,6 +286,9 @@ pub async fn run(opts: &DemoOptions, models: crate::worker::Models) -> anyhow::R
     bar.finish_and_clear();
     let _ = stop_tx.send(());
     worker.await??;
+    // Clients first: a client whose broker is gone logs connection errors until it is dropped.
+    drop(reader);
+    drop(producer);
     drop(broker);
 
     let mut latencies: Vec<f64> = outputs.values().map(|o| o.latency_ms).collect();
@@ -296,7 +299,15 @@ pub async fn run(opts: &DemoOptions, models: crate::worker::Models) -> anyhow::R
         }
         latencies[((latencies.len() - 1) as f64 * q).round() as usize]
     };
-    let gallery = write_gallery(opts, &sim, &stream_dir, &outputs, &generator)?;
+    let gallery = write_gallery(
+        opts,
+        &manifest,
+        res,
+        &sim,
+        &stream_dir,
+        &outputs,
+        &generator,
+    )?;
     Ok(DemoReport {
         gallery,
         items: items.len(),
@@ -369,6 +380,8 @@ fn put_png(dir: &Path, name: &str, b64: &str) -> anyhow::Result<String> {
 /// `OUT/gallery/index.html` with its images under `OUT/gallery/img/`.
 fn write_gallery(
     opts: &DemoOptions,
+    manifest: &Manifest,
+    res: u32,
     sim: &Simulation,
     stream_dir: &Path,
     outputs: &HashMap<String, Output>,
@@ -489,7 +502,23 @@ fn write_gallery(
                     "pub",
                 ));
             }
-            if let Some(src) = item_src(&d.truth_item_id)? {
+            // The truth is often not in the catalog (nobody interacted with that drawing).
+            let truth = match item_src(&d.truth_item_id)? {
+                Some(src) => Some(src),
+                None => {
+                    let (vendor, emoji) = d.truth_item_id.split_once('.').unwrap_or_default();
+                    let path = manifest.image_path(&opts.data_dir, vendor, res, emoji);
+                    match std::fs::read(&path) {
+                        Ok(png) => Some(put_png(
+                            &img_dir,
+                            &format!("item-{}", d.truth_item_id),
+                            &base64::engine::general_purpose::STANDARD.encode(png),
+                        )?),
+                        Err(_) => None,
+                    }
+                }
+            };
+            if let Some(src) = truth {
                 body.push_str(&figure(
                     &src,
                     &format!("ground truth<br>{}", html_escape(&d.truth_item_id)),
@@ -593,6 +622,11 @@ mod tests {
             page.matches("cand chosen").count(),
             6,
             "one published candidate per display"
+        );
+        assert_eq!(
+            page.matches("ground truth<br>").count(),
+            6,
+            "a ground truth per display"
         );
 
         // The page as a browser sees it: every image loads.
