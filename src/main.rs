@@ -1,6 +1,7 @@
 //! The `ragar` binary: parses arguments, wires signals, and hands off to the library.
 
 use std::path::PathBuf;
+#[cfg(feature = "lance")]
 use std::time::Duration;
 
 use anyhow::Context;
