@@ -23,6 +23,7 @@ use rdkafka::Message;
 use crate::config::{Config, ModelsConfig};
 use crate::data::simulate::{simulate, SimConfig, SimDisplay, Simulation, UserKind};
 use crate::data::{Manifest, Split};
+use crate::eval::html_escape;
 
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
@@ -299,15 +300,7 @@ pub async fn run(opts: &DemoOptions, models: crate::worker::Models) -> anyhow::R
         }
         latencies[((latencies.len() - 1) as f64 * q).round() as usize]
     };
-    let gallery = write_gallery(
-        opts,
-        &manifest,
-        res,
-        &sim,
-        &stream_dir,
-        &outputs,
-        &generator,
-    )?;
+    let gallery = write_gallery(opts, &manifest, res, &sim, &outputs, &generator)?;
     Ok(DemoReport {
         gallery,
         items: items.len(),
@@ -353,16 +346,8 @@ async fn wait_for_items(
     Ok(())
 }
 
-fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
-/// Writes a PNG given as base64 to `dir/name` and returns its path relative to the gallery.
-fn put_png(dir: &Path, name: &str, b64: &str) -> anyhow::Result<String> {
-    let bytes = base64::engine::general_purpose::STANDARD.decode(b64)?;
+/// Writes a PNG to `dir/name` and returns its path relative to the gallery.
+fn put_png(dir: &Path, name: &str, png: &[u8]) -> anyhow::Result<String> {
     let safe: String = name
         .chars()
         .map(|c| {
@@ -373,7 +358,7 @@ fn put_png(dir: &Path, name: &str, b64: &str) -> anyhow::Result<String> {
             }
         })
         .collect();
-    std::fs::write(dir.join(format!("{safe}.png")), bytes)?;
+    std::fs::write(dir.join(format!("{safe}.png")), png)?;
     Ok(format!("img/{safe}.png"))
 }
 
@@ -383,27 +368,30 @@ fn write_gallery(
     manifest: &Manifest,
     res: u32,
     sim: &Simulation,
-    stream_dir: &Path,
     outputs: &HashMap<String, Output>,
     generator: &str,
 ) -> anyhow::Result<PathBuf> {
     let dir = opts.out.join("gallery");
     let img_dir = dir.join("img");
     std::fs::create_dir_all(&img_dir)?;
-    // Item images from the stream's catalog.
-    let mut item_png: HashMap<String, String> = HashMap::new();
-    for line in std::fs::read_to_string(stream_dir.join("items.jsonl"))?.lines() {
-        let v: serde_json::Value = serde_json::from_str(line)?;
-        if let (Some(id), Some(b64)) = (v["item_id"].as_str(), v["image"]["base64"].as_str()) {
-            item_png.insert(id.to_string(), b64.to_string());
+    // Item drawings (`vendor.emoji`) come from the data set, each written once. The ground truth
+    // is among them though often not in the catalog (nobody interacted with that drawing).
+    let mut written: HashMap<String, Option<String>> = HashMap::new();
+    let mut item_src = |id: &str| -> anyhow::Result<Option<String>> {
+        if let Some(src) = written.get(id) {
+            return Ok(src.clone());
         }
-    }
-    let item_src = |id: &str| -> anyhow::Result<Option<String>> {
-        match item_png.get(id) {
-            Some(b64) => Ok(Some(put_png(&img_dir, &format!("item-{id}"), b64)?)),
-            None => Ok(None),
-        }
+        let png = id.split_once('.').and_then(|(vendor, emoji)| {
+            std::fs::read(manifest.image_path(&opts.data_dir, vendor, res, emoji)).ok()
+        });
+        let src = match png {
+            Some(png) => Some(put_png(&img_dir, &format!("item-{id}"), &png)?),
+            None => None,
+        };
+        written.insert(id.to_string(), src.clone());
+        Ok(src)
     };
+    let decode = |b64: &str| base64::engine::general_purpose::STANDARD.decode(b64);
     let figure = |src: &str, caption: &str, class: &str| {
         format!(
             "<figure class=\"{class}\"><img src=\"{}\" alt=\"{}\"><figcaption>{}</figcaption></figure>",
@@ -472,6 +460,7 @@ fn write_gallery(
                 "</div><div class=\"candidates\"><h4>candidates (personalization / fidelity)</h4>",
             );
             let chosen = v["chosen"].as_u64().unwrap_or(0) as usize;
+            let mut published = None;
             for c in v["candidates"].as_array().into_iter().flatten() {
                 let index = c["index"].as_u64().unwrap_or(0) as usize;
                 let b64 = if index == chosen {
@@ -480,7 +469,14 @@ fn write_gallery(
                     c["image"]["base64"].as_str()
                 };
                 let Some(b64) = b64 else { continue };
-                let src = put_png(&img_dir, &format!("out-{}-{index}", d.request_id), b64)?;
+                let src = put_png(
+                    &img_dir,
+                    &format!("out-{}-{index}", d.request_id),
+                    &decode(b64)?,
+                )?;
+                if index == chosen {
+                    published = Some(src.clone());
+                }
                 let caption = format!(
                     "{:.2} / {:.2}",
                     c["personalization"].as_f64().unwrap_or(0.0),
@@ -494,31 +490,14 @@ fn write_gallery(
                 body.push_str(&figure(&src, &caption, class));
             }
             body.push_str("</div>");
-            if let Some(b64) = v["image"]["base64"].as_str() {
-                let src = put_png(&img_dir, &format!("out-{}-{chosen}", d.request_id), b64)?;
+            if let Some(src) = published {
                 body.push_str(&figure(
                     &src,
                     &format!("published<br>{:.0} ms", out.latency_ms),
                     "pub",
                 ));
             }
-            // The truth is often not in the catalog (nobody interacted with that drawing).
-            let truth = match item_src(&d.truth_item_id)? {
-                Some(src) => Some(src),
-                None => {
-                    let (vendor, emoji) = d.truth_item_id.split_once('.').unwrap_or_default();
-                    let path = manifest.image_path(&opts.data_dir, vendor, res, emoji);
-                    match std::fs::read(&path) {
-                        Ok(png) => Some(put_png(
-                            &img_dir,
-                            &format!("item-{}", d.truth_item_id),
-                            &base64::engine::general_purpose::STANDARD.encode(png),
-                        )?),
-                        Err(_) => None,
-                    }
-                }
-            };
-            if let Some(src) = truth {
+            if let Some(src) = item_src(&d.truth_item_id)? {
                 body.push_str(&figure(
                     &src,
                     &format!("ground truth<br>{}", html_escape(&d.truth_item_id)),

@@ -545,18 +545,34 @@ pub fn generation_rows(
     let hist = histories(sim, items);
     let empty = Vec::new();
     let dim = items.values().next().map_or(0, |e| e.len());
+    // Per display, the same for every setting: the reference drawing and the retrieval-weighted
+    // preference the ranker column is measured against.
+    let references: Vec<Arc<Image>> = sim
+        .displays
+        .iter()
+        .map(|d| load(&d.item_id).map(Arc::new))
+        .collect::<anyhow::Result<_>>()?;
+    let retrieval_preferences: Vec<Option<Vec<f32>>> = sim
+        .displays
+        .iter()
+        .map(|d| {
+            let h = hist.get(d.user_id.as_str()).unwrap_or(&empty);
+            let w = preference::weigh(&items[&d.item_id], h, d.ts_ms, retrieval);
+            preference::preference_vector(h, &w, dim)
+        })
+        .collect();
     let cancel = tokio_util::sync::CancellationToken::new();
     let mut rows = Vec::new();
     for spec in specs {
         let (mut tally, mut id_ok, mut text_ok) = (Tally::default(), 0usize, 0usize);
         let (mut ssim_sum, mut truth_cos, mut cis, mut rank_sum) = (0f64, 0f64, 0f64, 0f64);
         let mut seconds = 0f64;
-        for (d, truth) in sim.displays.iter().zip(&truths) {
+        for (i, (d, truth)) in sim.displays.iter().zip(&truths).enumerate() {
             let h = hist.get(d.user_id.as_str()).unwrap_or(&empty);
             let reference = &items[&d.item_id];
             let weighted = preference::weigh(reference, h, d.ts_ms, &spec.params);
             let request = GenerationRequest {
-                reference: Arc::new(load(&d.item_id)?),
+                reference: references[i].clone(),
                 reference_embedding: reference.clone(),
                 preference: preference::preference_vector(h, &weighted, dim).map(Arc::from),
                 seeds: (0..spec.candidates.max(1) as u64)
@@ -592,12 +608,9 @@ pub fn generation_rows(
                     .sum::<f64>()
                     / h.len() as f64;
             }
-            if let Some(r) = ranker {
-                let w = preference::weigh(reference, h, d.ts_ms, retrieval);
-                if let Some(p) = preference::preference_vector(h, &w, dim) {
-                    let s = r.personalization(&p, &[emb])?[0];
-                    rank_sum += 1.0 / (1.0 + (-s as f64).exp());
-                }
+            if let (Some(r), Some(p)) = (ranker, &retrieval_preferences[i]) {
+                let s = r.personalization(p, &[emb])?[0];
+                rank_sum += 1.0 / (1.0 + (-s as f64).exp());
             }
         }
         let style = tally.accuracy();
@@ -984,10 +997,12 @@ pub fn markdown(r: &PreferenceReport) -> String {
     s
 }
 
-fn escape(s: &str) -> String {
+/// Text made safe for HTML content and attribute values.
+pub(crate) fn html_escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 /// The report as a standalone HTML page (the Markdown's tables, rendered).
@@ -1004,14 +1019,14 @@ pub fn html(r: &PreferenceReport) -> String {
             if !in_table {
                 body.push_str("<table>\n<tr>");
                 for c in &cells {
-                    let _ = write!(body, "<th>{}</th>", escape(c));
+                    let _ = write!(body, "<th>{}</th>", html_escape(c));
                 }
                 body.push_str("</tr>\n");
                 in_table = true;
             } else {
                 body.push_str("<tr>");
                 for c in &cells {
-                    let _ = write!(body, "<td>{}</td>", escape(c));
+                    let _ = write!(body, "<td>{}</td>", html_escape(c));
                 }
                 body.push_str("</tr>\n");
             }
@@ -1022,13 +1037,13 @@ pub fn html(r: &PreferenceReport) -> String {
             in_table = false;
         }
         if let Some(h) = line.strip_prefix("### ") {
-            let _ = writeln!(body, "<h3>{}</h3>", escape(h));
+            let _ = writeln!(body, "<h3>{}</h3>", html_escape(h));
         } else if let Some(h) = line.strip_prefix("## ") {
-            let _ = writeln!(body, "<h2>{}</h2>", escape(h));
+            let _ = writeln!(body, "<h2>{}</h2>", html_escape(h));
         } else if let Some(h) = line.strip_prefix("# ") {
-            let _ = writeln!(body, "<h1>{}</h1>", escape(h));
+            let _ = writeln!(body, "<h1>{}</h1>", html_escape(h));
         } else if !line.trim().is_empty() {
-            let _ = writeln!(body, "<p>{}</p>", escape(line).replace("**", ""));
+            let _ = writeln!(body, "<p>{}</p>", html_escape(line).replace("**", ""));
         }
     }
     if in_table {

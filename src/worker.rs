@@ -23,9 +23,7 @@ use crate::model::diffusion::StyleDiffusion;
 use crate::model::emoji::EmojiEncoder;
 use crate::model::minilm::MiniLm;
 use crate::model::ranker::LearnedRanker;
-use crate::model::{
-    CosineRanker, Generator, ItemEncoder, ModelError, Passthrough, Ranker, TextEncoder,
-};
+use crate::model::{CosineRanker, Generator, ItemEncoder, Passthrough, Ranker, TextEncoder};
 use crate::offsets::Acks;
 use crate::preference::Params;
 use crate::publish::Publisher;
@@ -59,49 +57,40 @@ pub struct Models {
 impl Models {
     /// The models named by `[models]`; an unknown name is an error naming its key.
     pub fn from_config(cfg: &ModelsConfig) -> Result<Models, ConfigError> {
-        let unknown = |key: &str, value: &str, known: &str| ConfigError::Invalid {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
             key: key.into(),
-            message: format!("unknown model `{value}` (known: {known})"),
+            message,
+        };
+        let unknown = |key: &str, value: &str, known: &str| {
+            invalid(key, format!("unknown model `{value}` (known: {known})"))
+        };
+        let check_dim = |what: &str, dim: usize| {
+            if dim == cfg.dim {
+                Ok(())
+            } else {
+                Err(invalid(
+                    "models.dim",
+                    format!(
+                        "the {what} encoder gives {dim} values, models.dim is {}",
+                        cfg.dim
+                    ),
+                ))
+            }
         };
         let encoder: Option<Arc<dyn ItemEncoder>> = match cfg.encoder.as_str() {
             "none" => None,
             "minilm" => {
-                let encoder =
-                    TextEncoder::load(&cfg.minilm_dir).map_err(|e| ConfigError::Invalid {
-                        key: "models.minilm_dir".into(),
-                        message: e.to_string(),
-                    })?;
-                if encoder.dim() != cfg.dim {
-                    return Err(ConfigError::Invalid {
-                        key: "models.dim".into(),
-                        message: format!(
-                            "the minilm encoder gives {} values, models.dim is {}",
-                            encoder.dim(),
-                            cfg.dim
-                        ),
-                    });
-                }
+                let encoder = TextEncoder::load(&cfg.minilm_dir)
+                    .map_err(|e| invalid("models.minilm_dir", e.to_string()))?;
+                check_dim("minilm", encoder.dim())?;
                 Some(Arc::new(encoder))
             }
             "emoji" => {
-                let invalid = |key: &str, e: ModelError| ConfigError::Invalid {
-                    key: key.into(),
-                    message: e.to_string(),
-                };
                 let text = MiniLm::load(&cfg.minilm_dir, &candle_core::Device::Cpu)
-                    .map_err(|e| invalid("models.minilm_dir", e))?;
+                    .map_err(|e| invalid("models.minilm_dir", e.to_string()))?;
                 let encoder = EmojiEncoder::load(&cfg.encoder_dir, Some(text))
-                    .map_err(|e| invalid("models.encoder_dir", e))?;
-                if encoder.dim() != cfg.dim {
-                    return Err(ConfigError::Invalid {
-                        key: "models.dim".into(),
-                        message: format!(
-                            "the emoji encoder gives {} values, models.dim is {}",
-                            encoder.dim(),
-                            cfg.dim
-                        ),
-                    });
-                }
+                    .map_err(|e| invalid("models.encoder_dir", e.to_string()))?;
+                check_dim("emoji", encoder.dim())?;
                 Some(Arc::new(encoder))
             }
             other => return Err(unknown("models.encoder", other, "none, minilm, emoji")),
@@ -110,27 +99,23 @@ impl Models {
             "passthrough" => Arc::new(Passthrough),
             "diffusion" => {
                 let Some(encoder) = &encoder else {
-                    return Err(ConfigError::Invalid {
-                        key: "models.generator".into(),
-                        message: "the diffusion generator needs models.encoder = \"emoji\"".into(),
-                    });
+                    return Err(invalid(
+                        "models.generator",
+                        "the diffusion generator needs models.encoder = \"emoji\"".into(),
+                    ));
                 };
                 let steps = (cfg.generator_steps > 0).then_some(cfg.generator_steps);
-                let generator = StyleDiffusion::load(&cfg.generator_dir, steps).map_err(|e| {
-                    ConfigError::Invalid {
-                        key: "models.generator_dir".into(),
-                        message: e.to_string(),
-                    }
-                })?;
+                let generator = StyleDiffusion::load(&cfg.generator_dir, steps)
+                    .map_err(|e| invalid("models.generator_dir", e.to_string()))?;
                 if generator.config().embedding_dim != encoder.dim() {
-                    return Err(ConfigError::Invalid {
-                        key: "models.generator_dir".into(),
-                        message: format!(
+                    return Err(invalid(
+                        "models.generator_dir",
+                        format!(
                             "the generator reads {}-value embeddings, the encoder gives {}",
                             generator.config().embedding_dim,
                             encoder.dim()
                         ),
-                    });
+                    ));
                 }
                 Arc::new(generator)
             }
@@ -143,17 +128,15 @@ impl Models {
             }),
             "learned" => {
                 let Some(encoder) = encoder.clone() else {
-                    return Err(ConfigError::Invalid {
-                        key: "models.ranker".into(),
-                        message: "the learned ranker needs models.encoder = \"emoji\"".into(),
-                    });
+                    return Err(invalid(
+                        "models.ranker",
+                        "the learned ranker needs models.encoder = \"emoji\"".into(),
+                    ));
                 };
-                Arc::new(LearnedRanker::load(&cfg.ranker_dir, encoder).map_err(|e| {
-                    ConfigError::Invalid {
-                        key: "models.ranker_dir".into(),
-                        message: e.to_string(),
-                    }
-                })?)
+                Arc::new(
+                    LearnedRanker::load(&cfg.ranker_dir, encoder)
+                        .map_err(|e| invalid("models.ranker_dir", e.to_string()))?,
+                )
             }
             other => return Err(unknown("models.ranker", other, "cosine, learned")),
         };
