@@ -41,6 +41,7 @@ fn main() {
             tau: 0.1,
             action_weights: [1.0, 1.0, 1.0, 1.0, 0.0],
             recency_half_life_ms: None,
+            match_dims: 0,
         };
         println!(
             "{:>8} {:>10} {:>10} {:>10} {:>14}",

@@ -84,6 +84,34 @@ pub struct KafkaConfig {
     pub rebalance_drain: Duration,
     /// Extra librdkafka properties for every client (security.protocol, sasl.*, ssl.*, ...).
     pub options: BTreeMap<String, String>,
+    /// Kafka transactions cover each output (and dead letter) together with the consumed offsets
+    /// it completes (consume-transform-produce): read_committed consumers see every output once.
+    pub exactly_once: bool,
+    /// The producer's `transactional.id` in exactly-once mode; stable per instance, unique among
+    /// live ones. Empty: `{group_id}-{hostname}`.
+    pub transactional_id: String,
+    /// `transaction.timeout.ms`: how long an open transaction of a dead instance blocks readers.
+    #[serde(with = "humantime_serde")]
+    pub transaction_timeout: Duration,
+}
+
+impl KafkaConfig {
+    /// The `transactional.id` exactly-once mode uses.
+    pub fn transactional_id(&self) -> String {
+        if !self.transactional_id.is_empty() {
+            return self.transactional_id.clone();
+        }
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_string())
+            })
+            .unwrap_or_else(|| "local".into());
+        format!("{}-{host}", self.group_id)
+    }
 }
 
 impl Default for KafkaConfig {
@@ -99,6 +127,9 @@ impl Default for KafkaConfig {
             max_in_flight: 20_000,
             rebalance_drain: Duration::from_secs(10),
             options: BTreeMap::new(),
+            exactly_once: false,
+            transactional_id: String::new(),
+            transaction_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -124,6 +155,11 @@ pub struct RedisConfig {
     /// After a failure, how long to serve from LanceDB before trying Redis again.
     #[serde(with = "humantime_serde")]
     pub retry_interval: Duration,
+    /// With `rediss://`: a PEM file of the CA(s) to trust instead of the system's roots.
+    pub tls_ca_file: Option<PathBuf>,
+    /// With `rediss://`: a PEM client certificate (and `tls_key_file`, its key) for mutual TLS.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl Default for RedisConfig {
@@ -137,6 +173,9 @@ impl Default for RedisConfig {
             item_ttl: Duration::from_secs(24 * 3600),
             timeout: Duration::from_millis(500),
             retry_interval: Duration::from_secs(1),
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -186,6 +225,8 @@ pub struct PreferenceConfig {
     pub action_weights: ActionWeights,
     /// When the hot window is full, also search LanceDB for the user's most similar older items.
     pub deep_search: bool,
+    /// Similarity to the reference over the first this many embedding values (0: all of them).
+    pub match_dims: usize,
 }
 
 impl Default for PreferenceConfig {
@@ -197,6 +238,7 @@ impl Default for PreferenceConfig {
             recency_half_life: Duration::ZERO,
             action_weights: ActionWeights::default(),
             deep_search: true,
+            match_dims: 0,
         }
     }
 }
@@ -497,19 +539,32 @@ impl Config {
         if k.max_in_flight == 0 {
             return Err(invalid("kafka.max_in_flight", "must be at least 1"));
         }
+        if k.exactly_once {
+            if k.transaction_timeout < Duration::from_secs(1) {
+                return Err(invalid("kafka.transaction_timeout", "must be at least 1s"));
+            }
+            if k.options.get("isolation.level").map(String::as_str) == Some("read_uncommitted") {
+                return Err(invalid(
+                    "kafka.options.isolation.level",
+                    "exactly-once mode reads committed data only",
+                ));
+            }
+        }
         if k.session_timeout < Duration::from_millis(1000) {
             return Err(invalid("kafka.session_timeout", "must be at least 1s"));
         }
         if k.commit_interval.is_zero() {
             return Err(invalid("kafka.commit_interval", "must be greater than 0"));
         }
-        const OWNED: [&str; 6] = [
+        const OWNED: [&str; 8] = [
             "bootstrap.servers",
             "group.id",
             "enable.auto.offset.store",
             "enable.auto.commit",
             "auto.commit.interval.ms",
             "session.timeout.ms",
+            "transactional.id",
+            "transaction.timeout.ms",
         ];
         for key in k.options.keys() {
             if OWNED.contains(&key.as_str()) {
@@ -520,16 +575,36 @@ impl Config {
             }
         }
         let r = &self.redis;
-        if r.url.starts_with("rediss://") {
+        let tls = r.url.starts_with("rediss://");
+        if !(tls || r.url.starts_with("redis://") || r.url.starts_with("redis+unix://")) {
             return Err(invalid(
                 "redis.url",
-                "rediss:// (TLS) is not supported by this build; use redis://",
+                "must start with redis://, rediss:// (TLS) or redis+unix://",
             ));
         }
-        if !(r.url.starts_with("redis://") || r.url.starts_with("redis+unix://")) {
+        let files = [
+            ("redis.tls_ca_file", &r.tls_ca_file),
+            ("redis.tls_cert_file", &r.tls_cert_file),
+            ("redis.tls_key_file", &r.tls_key_file),
+        ];
+        for (key, file) in files {
+            let Some(path) = file else { continue };
+            if !tls {
+                return Err(invalid(key, "is only used with a rediss:// redis.url"));
+            }
+            if let Err(e) = std::fs::metadata(path) {
+                return Err(invalid(key, &format!("{}: {e}", path.display())));
+            }
+        }
+        if r.tls_cert_file.is_some() != r.tls_key_file.is_some() {
+            let key = if r.tls_cert_file.is_some() {
+                "redis.tls_key_file"
+            } else {
+                "redis.tls_cert_file"
+            };
             return Err(invalid(
-                "redis.url",
-                "must start with redis:// or redis+unix://",
+                key,
+                "mutual TLS needs both redis.tls_cert_file and redis.tls_key_file",
             ));
         }
         if r.window == 0 {
@@ -558,6 +633,12 @@ impl Config {
             return Err(invalid(
                 "preference.tau",
                 "must be a finite number greater than 0",
+            ));
+        }
+        if p.match_dims > self.models.dim {
+            return Err(invalid(
+                "preference.match_dims",
+                format!("must be at most models.dim ({})", self.models.dim),
             ));
         }
         for (name, w) in ["view", "click", "like", "purchase", "dislike"]
@@ -814,6 +895,30 @@ mod tests {
             "telemetry.listen"
         );
         assert_eq!(err_key("[models]\ndim = 0\n", &[]), "models.dim");
+        assert_eq!(
+            err_key("[redis]\ntls_ca_file = \"Cargo.toml\"\n", &[]),
+            "redis.tls_ca_file",
+            "TLS files need a rediss:// URL"
+        );
+        assert_eq!(
+            err_key(
+                "[redis]\nurl = \"rediss://h:6380/\"\ntls_ca_file = \"/nonexistent/ca.pem\"\n",
+                &[]
+            ),
+            "redis.tls_ca_file"
+        );
+        assert_eq!(
+            err_key(
+                "[redis]\nurl = \"rediss://h:6380/\"\ntls_cert_file = \"Cargo.toml\"\n",
+                &[]
+            ),
+            "redis.tls_key_file"
+        );
+        assert!(load(
+            "[redis]\nurl = \"rediss://h:6380/\"\ntls_ca_file = \"Cargo.toml\"\n",
+            &[]
+        )
+        .is_ok());
         assert!(matches!(
             load("not toml =", &[]).unwrap_err(),
             ConfigError::Parse { .. }

@@ -191,6 +191,11 @@ pub async fn run(opts: &DemoOptions, models: crate::worker::Models) -> anyhow::R
     cfg.lance.uri = opts.out.join("lancedb").display().to_string();
     cfg.telemetry.listen = "127.0.0.1:0".parse().expect("valid address");
     cfg.models = opts.models.clone();
+    if cfg.models.encoder == "emoji" {
+        // Retrieve history by what items depict (the encoder's content block): chosen on val by
+        // `ragar eval`.
+        cfg.preference.match_dims = crate::model::emoji::CONTENT_DIM;
+    }
     cfg.generate.candidates = opts.candidates;
     cfg.generate.publish_candidate_images = true;
     cfg.validate()?;

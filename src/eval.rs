@@ -31,6 +31,8 @@ pub struct EvalOptions {
     /// Grid searched on val (retrieval weighting).
     pub ks: Vec<usize>,
     pub taus: Vec<f32>,
+    /// `preference.match_dims` values tried (0: whole embeddings).
+    pub match_dims: Vec<usize>,
     /// Candidates per display in the best-of-N generation rows.
     pub best_of: usize,
 }
@@ -96,8 +98,9 @@ pub struct PreferenceReport {
     pub encoder: String,
     pub k: usize,
     pub tau: f32,
-    /// (k, τ, val accuracy on category-dependent users) for every grid point.
-    pub sweep: Vec<(usize, f32, f32)>,
+    pub match_dims: usize,
+    /// (k, τ, match_dims, val accuracy on category-dependent users) for every grid point.
+    pub sweep: Vec<(usize, f32, usize, f32)>,
     pub val_uniform: Accuracy,
     pub val_retrieval: Accuracy,
     pub test_uniform: Accuracy,
@@ -713,29 +716,40 @@ pub fn run(opts: &EvalOptions, models: &EvalModels) -> anyhow::Result<Preference
         ..base.clone()
     };
     let mut sweep = Vec::new();
-    for &k in &opts.ks {
-        for &tau in &opts.taus {
-            let p = Params {
-                mode: WeightingMode::Retrieval,
-                k,
-                tau,
-                ..base.clone()
-            };
-            sweep.push((
-                k,
-                tau,
-                accuracy(&val_sim, &val_hist, &emb, &p).category_dependent,
-            ));
+    let match_grid = if opts.match_dims.is_empty() {
+        vec![0]
+    } else {
+        opts.match_dims.clone()
+    };
+    for &match_dims in &match_grid {
+        for &k in &opts.ks {
+            for &tau in &opts.taus {
+                let p = Params {
+                    mode: WeightingMode::Retrieval,
+                    k,
+                    tau,
+                    match_dims,
+                    ..base.clone()
+                };
+                sweep.push((
+                    k,
+                    tau,
+                    match_dims,
+                    accuracy(&val_sim, &val_hist, &emb, &p).category_dependent,
+                ));
+            }
         }
     }
-    let &(k, tau, _) = sweep
+    // Ties go to the smaller k, then to matching whole embeddings.
+    let &(k, tau, match_dims, _) = sweep
         .iter()
-        .max_by(|a, b| a.2.total_cmp(&b.2).then(b.0.cmp(&a.0)))
+        .max_by(|a, b| a.3.total_cmp(&b.3).then(b.0.cmp(&a.0)).then(b.2.cmp(&a.2)))
         .context("the k/τ grid is empty")?;
     let retrieval = Params {
         mode: WeightingMode::Retrieval,
         k,
         tau,
+        match_dims,
         ..base
     };
     let image_only = if ranker.is_some() || judge.is_some() {
@@ -856,6 +870,7 @@ pub fn run(opts: &EvalOptions, models: &EvalModels) -> anyhow::Result<Preference
         encoder: encoder_name.to_string(),
         k,
         tau,
+        match_dims,
         val_uniform: accuracy(&val_sim, &val_hist, &emb, &uniform),
         val_retrieval: accuracy(&val_sim, &val_hist, &emb, &retrieval),
         test_uniform: accuracy(&test_sim, &test_hist, &emb, &uniform),
@@ -894,8 +909,10 @@ pub fn markdown(r: &PreferenceReport) -> String {
     );
     let _ = writeln!(
         s,
-        "Retrieval weighting uses k = {}, τ = {} (chosen on val).\n",
-        r.k, r.tau
+        "Retrieval weighting uses k = {}, τ = {}, similarity over {} (chosen on val).\n",
+        r.k,
+        r.tau,
+        match_label(r.match_dims)
     );
     let _ = writeln!(
         s,
@@ -988,13 +1005,23 @@ pub fn markdown(r: &PreferenceReport) -> String {
         );
         let _ = writeln!(s);
     }
-    let _ = writeln!(s, "### k and τ on val (category-dependent users)\n");
-    let _ = writeln!(s, "| k | τ | accuracy |");
-    let _ = writeln!(s, "|---|---|---|");
-    for (k, tau, a) in &r.sweep {
-        let _ = writeln!(s, "| {k} | {tau} | {} |", pct(*a));
+    let _ = writeln!(
+        s,
+        "### k, τ and similarity on val (category-dependent users)\n"
+    );
+    let _ = writeln!(s, "| k | τ | similarity over | accuracy |");
+    let _ = writeln!(s, "|---|---|---|---|");
+    for (k, tau, m, a) in &r.sweep {
+        let _ = writeln!(s, "| {k} | {tau} | {} | {} |", match_label(*m), pct(*a));
     }
     s
+}
+
+fn match_label(match_dims: usize) -> String {
+    match match_dims {
+        0 => "whole embeddings".into(),
+        m => format!("the first {m} values"),
+    }
 }
 
 /// Text made safe for HTML content and attribute values.
@@ -1091,6 +1118,7 @@ mod tests {
             },
             ks: vec![4, 8],
             taus: vec![0.1],
+            match_dims: vec![0, 384],
             best_of: 2,
         };
         let r = run(
@@ -1105,7 +1133,7 @@ mod tests {
             },
         )
         .unwrap();
-        assert_eq!(r.sweep.len(), 2);
+        assert_eq!(r.sweep.len(), 4);
         assert_eq!(r.test_uniform.displays, 24);
         for a in [
             r.val_uniform,
@@ -1133,7 +1161,8 @@ mod tests {
             encoder: "e".into(),
             k: 8,
             tau: 0.1,
-            sweep: vec![(8, 0.1, 0.5)],
+            match_dims: 0,
+            sweep: vec![(8, 0.1, 0, 0.5), (8, 0.1, 384, 0.6)],
             val_uniform: a,
             val_retrieval: a,
             test_uniform: a,

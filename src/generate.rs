@@ -233,11 +233,15 @@ impl GenerateStage {
             produced_at_ms: now_ms(),
         };
         let t = Instant::now();
+        let txn = self.publisher.enter(&job.msg.token).await;
         match self.publisher.publish(&message).await {
             Ok(()) => {
                 metrics::histogram!(names::STAGE_SECONDS, "stage" => "publish")
                     .record(t.elapsed().as_secs_f64());
-                self.history.mark_output_done(&message.request_id).await;
+                // With transactions a replay only follows an aborted output: never skip it.
+                if !self.publisher.transactional() {
+                    self.history.mark_output_done(&message.request_id).await;
+                }
                 metrics::counter!(names::OUTPUTS, "outcome" => "published").increment(1);
                 metrics::counter!(names::EVENTS, "type" => "display", "outcome" => "ok")
                     .increment(1);
@@ -248,6 +252,7 @@ impl GenerateStage {
             // Aborting: not acknowledged, so the display is replayed.
             Err(KafkaError::Canceled) => {}
             Err(e) => {
+                drop(txn);
                 self.fail(job, format!("the output topic refused the message: {e}"))
                     .await
             }
@@ -257,6 +262,7 @@ impl GenerateStage {
     async fn fail(&self, job: DisplayJob, reason: String) {
         let error = DecodeError::new(DlqKind::Processing, reason);
         metrics::counter!(names::EVENTS, "type" => "display", "outcome" => "dlq").increment(1);
+        let _txn = self.publisher.enter(&job.msg.token).await;
         match self.publisher.dead_letter(&job.msg, &error).await {
             Ok(()) => self.acks.complete(&job.msg.token),
             Err(KafkaError::Canceled) => {}

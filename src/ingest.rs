@@ -2,6 +2,9 @@
 //!
 //! `enable.auto.offset.store` is off: an offset is stored only when [`Acks`] says every message up
 //! to it is done, and librdkafka commits the stored offsets on a timer (`kafka.commit_interval`).
+//! In exactly-once mode the consumer commits nothing itself: the offsets go into the producer's
+//! transaction ([`crate::publish::Publisher::commit_transaction`]) on the same timer, on revoke
+//! and on shutdown.
 //! On partition revoke the callback waits (up to `kafka.rebalance_drain`) for the revoked
 //! partitions' work to finish, stores their watermarks and commits synchronously; on shutdown the
 //! worker does the same for everything. When more than `kafka.max_in_flight` messages are in
@@ -24,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::KafkaConfig;
 use crate::offsets::{AckToken, Acks, TopicPartition};
+use crate::publish::{CommitError, Publisher};
 use crate::telemetry::{names, now_ms, Health};
 
 /// A consumed message, owned, with the token that completes it.
@@ -54,6 +58,10 @@ pub struct IngestContext {
     drain: Duration,
     /// Set while partitions are paused, so newly assigned ones are paused too.
     paused: Arc<AtomicBool>,
+    /// Exactly-once mode: the transactional producer that commits the offsets.
+    txn: Option<Publisher>,
+    /// A transaction commit failed in a callback; the consumer loop stops the worker with it.
+    failed: Arc<std::sync::Mutex<Option<CommitError>>>,
 }
 
 impl ClientContext for IngestContext {
@@ -83,17 +91,30 @@ impl ConsumerContext for IngestContext {
         // runtime move its other tasks away while this thread waits for the stages to finish.
         let deadline = Instant::now() + self.drain;
         let drained = blocking(|| self.acks.wait_drained(&tps, deadline));
-        let marks = self.acks.remove(&tps);
-        if !consumer.assignment_lost() {
-            if let Err(e) = store(consumer, &marks) {
-                tracing::warn!(error = %e, "storing offsets on revoke");
-            }
-            match consumer.commit_consumer_state(CommitMode::Sync) {
-                Ok(())
-                | Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {
-                    metrics::counter!(names::COMMITS, "reason" => "revoke").increment(1);
+        if let Some(publisher) = &self.txn {
+            // The revoked partitions' offsets go into the transaction, with their outputs.
+            if !consumer.assignment_lost() {
+                let result = blocking(|| {
+                    publisher.commit_transaction(
+                        &self.acks,
+                        consumer.group_metadata(),
+                        true,
+                        self.drain,
+                    )
+                });
+                match result {
+                    Ok(_) => metrics::counter!(names::COMMITS, "reason" => "revoke").increment(1),
+                    Err(e) => {
+                        tracing::error!(error = %e, "committing the transaction on revoke");
+                        *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                    }
                 }
-                Err(e) => tracing::warn!(error = %e, "committing offsets on revoke"),
+            }
+            self.acks.remove(&tps);
+        } else {
+            let marks = self.acks.remove(&tps);
+            if !consumer.assignment_lost() {
+                commit_on_revoke(consumer, &marks);
             }
         }
         // This member no longer reports these partitions' lag: do not leave a stale value behind
@@ -125,8 +146,21 @@ impl ConsumerContext for IngestContext {
     }
 }
 
+/// At-least-once mode's commit on revoke: the revoked partitions' watermarks, synchronously.
+fn commit_on_revoke(consumer: &BaseConsumer<IngestContext>, marks: &[(TopicPartition, i64)]) {
+    if let Err(e) = store(consumer, marks) {
+        tracing::warn!(error = %e, "storing offsets on revoke");
+    }
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) | Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {
+            metrics::counter!(names::COMMITS, "reason" => "revoke").increment(1);
+        }
+        Err(e) => tracing::warn!(error = %e, "committing offsets on revoke"),
+    }
+}
+
 /// Runs a blocking wait, telling a multi-threaded tokio runtime about it when there is one.
-fn blocking<R>(f: impl FnOnce() -> R) -> R {
+pub(crate) fn blocking<R>(f: impl FnOnce() -> R) -> R {
     match tokio::runtime::Handle::try_current() {
         Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
             tokio::task::block_in_place(f)
@@ -155,19 +189,25 @@ pub struct Ingest {
     acks: Arc<Acks>,
     paused: Arc<AtomicBool>,
     max_in_flight: usize,
+    commit_interval: Duration,
+    txn_wait: Duration,
 }
 
 impl Ingest {
-    pub fn new(cfg: &KafkaConfig, acks: Arc<Acks>) -> KafkaResult<Ingest> {
+    /// `txn`: the transactional publisher in exactly-once mode (`kafka.exactly_once`).
+    pub fn new(cfg: &KafkaConfig, acks: Arc<Acks>, txn: Option<Publisher>) -> KafkaResult<Ingest> {
         let paused = Arc::new(AtomicBool::new(false));
+        let exactly_once = txn.is_some();
         let context = IngestContext {
             acks: acks.clone(),
             drain: cfg.rebalance_drain,
             paused: paused.clone(),
+            txn,
+            failed: Arc::default(),
         };
         let consumer: StreamConsumer<IngestContext> = base_client_config(cfg)
             .set("group.id", &cfg.group_id)
-            .set("enable.auto.commit", "true")
+            .set("enable.auto.commit", (!exactly_once).to_string())
             .set("enable.auto.offset.store", "false")
             .set(
                 "auto.commit.interval.ms",
@@ -197,33 +237,56 @@ impl Ingest {
             acks,
             paused,
             max_in_flight: cfg.max_in_flight,
+            commit_interval: cfg.commit_interval,
+            txn_wait: cfg.transaction_timeout / 2,
         })
     }
 
     /// Consumes until `stop` is cancelled, handing each message to `out` in partition order.
     /// Returns when stopped or when `out` is closed; stored offsets are not committed here
-    /// (see [`Ingest::commit_final`]).
+    /// (see [`Ingest::commit_final`]). In exactly-once mode it also commits the transaction every
+    /// `kafka.commit_interval`, and returns the error when a commit fails.
     pub async fn run(
         &self,
         out: mpsc::Sender<Consumed>,
         stop: CancellationToken,
         health: Arc<Health>,
-    ) {
+    ) -> Result<(), CommitError> {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut commit_tick = tokio::time::interval(self.commit_interval);
+        commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut committing: Option<tokio::task::JoinHandle<Result<(), CommitError>>> = None;
+        let exactly_once = self.consumer.context().txn.is_some();
         loop {
-            self.store_advanced();
+            if let Some(e) = self.take_failure() {
+                return Err(e);
+            }
+            if !exactly_once {
+                self.store_advanced();
+            }
             self.apply_backpressure();
             tokio::select! {
                 biased;
-                _ = stop.cancelled() => return,
+                _ = stop.cancelled() => return Ok(()),
+                done = async { committing.as_mut().expect("guarded").await }, if committing.is_some() => {
+                    committing = None;
+                    match done {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return Err(e),
+                        Err(e) => tracing::error!(error = %e, "transaction commit task failed"),
+                    }
+                }
+                _ = commit_tick.tick(), if exactly_once && committing.is_none() => {
+                    committing = Some(self.spawn_commit());
+                }
                 _ = self.acks.notify.notified() => {}
                 _ = tick.tick() => health.beat(),
                 msg = self.consumer.recv() => match msg {
                     Ok(m) => {
                         let consumed = self.own(&m);
                         if out.send(consumed).await.is_err() {
-                            return;
+                            return Ok(());
                         }
                     }
                     Err(e) => {
@@ -233,6 +296,30 @@ impl Ingest {
                 },
             }
         }
+    }
+
+    fn take_failure(&self) -> Option<CommitError> {
+        self.consumer
+            .context()
+            .failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// Commits the transaction on a blocking thread (it waits for the work below its barrier);
+    /// the consumer keeps polling meanwhile.
+    fn spawn_commit(&self) -> tokio::task::JoinHandle<Result<(), CommitError>> {
+        let ctx = self.consumer.context();
+        let publisher = ctx.txn.clone().expect("exactly-once mode");
+        let acks = self.acks.clone();
+        let group = self.consumer.group_metadata();
+        let wait = self.txn_wait;
+        tokio::task::spawn_blocking(move || {
+            publisher
+                .commit_transaction(&acks, group, true, wait)
+                .map(|_| ())
+        })
     }
 
     fn own(&self, m: &rdkafka::message::BorrowedMessage<'_>) -> Consumed {
@@ -305,8 +392,28 @@ impl Ingest {
         self.acks.in_flight()
     }
 
-    /// Stores every watermark and commits synchronously (shutdown).
+    /// Stores every watermark and commits synchronously (shutdown); in exactly-once mode commits
+    /// the last transaction at the point everything finished reached.
     pub fn commit_final(&self) {
+        if let Some(publisher) = &self.consumer.context().txn {
+            let result = blocking(|| {
+                publisher.commit_transaction(
+                    &self.acks,
+                    self.consumer.group_metadata(),
+                    false,
+                    Duration::ZERO,
+                )
+            });
+            match result {
+                Ok(_) => metrics::counter!(names::COMMITS, "reason" => "shutdown").increment(1),
+                Err(e) => {
+                    tracing::warn!(error = %e, "final transaction commit failed; unfinished work will be replayed");
+                    blocking(|| publisher.abort_transaction());
+                }
+            }
+            self.acks.clear();
+            return;
+        }
         if let Err(e) = store(&self.consumer, &self.acks.watermarks()) {
             tracing::warn!(error = %e, "storing final offsets");
         }

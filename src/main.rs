@@ -81,10 +81,14 @@ enum Command {
         displays: usize,
         #[arg(long, default_value_t = 7)]
         seed: u64,
-        #[arg(long, value_delimiter = ',', default_values_t = [8usize, 16, 32, 64])]
+        #[arg(long, value_delimiter = ',', default_values_t = [4usize, 8, 16, 32, 64])]
         k: Vec<usize>,
-        #[arg(long, value_delimiter = ',', default_values_t = [0.1f32, 0.2, 0.5, 1.0])]
+        #[arg(long, value_delimiter = ',', default_values_t = [0.05f32, 0.1, 0.2, 0.5, 1.0])]
         tau: Vec<f32>,
+        /// `preference.match_dims` values tried on val: 0 matches whole embeddings, 384 the
+        /// encoder's content block (what an emoji depicts).
+        #[arg(long, value_delimiter = ',', default_values_t = [0usize, 384])]
+        match_dims: Vec<usize>,
     },
     /// The whole pipeline on this machine: simulated EmojiStyle users stream through the real
     /// worker (in-process Kafka, local LanceDB, Redis); writes an HTML gallery and prints its path.
@@ -564,6 +568,7 @@ fn main() -> anyhow::Result<()> {
             seed,
             k,
             tau,
+            match_dims,
         } => {
             let text = ragar::model::minilm::MiniLm::load(&minilm_dir, &candle_core::Device::Cpu)?;
             let encoder = std::sync::Arc::new(ragar::model::emoji::EmojiEncoder::load(
@@ -594,6 +599,7 @@ fn main() -> anyhow::Result<()> {
                 },
                 ks: k,
                 taus: tau,
+                match_dims,
                 best_of,
             };
             let steps = (steps > 0).then_some(steps);

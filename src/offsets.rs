@@ -166,6 +166,51 @@ impl Acks {
         }
     }
 
+    /// Per partition, the offset below which everything has been handed out (a transaction
+    /// barrier: exactly-once mode commits at such a point once all of it is complete).
+    pub fn positions(&self) -> Vec<(TopicPartition, i64)> {
+        self.lock()
+            .iter()
+            .filter_map(|(tp, t)| t.next.map(|n| (tp.clone(), n)))
+            .collect()
+    }
+
+    /// Waits until every message below `barrier` is complete, or until `deadline`; returns the
+    /// part of `barrier` still assigned (revoked partitions drop out), or `None` on timeout.
+    /// Blocking, like [`Acks::wait_drained`].
+    pub fn wait_reached(
+        &self,
+        barrier: &[(TopicPartition, i64)],
+        deadline: Instant,
+    ) -> Option<Vec<(TopicPartition, i64)>> {
+        let mut map = self.lock();
+        loop {
+            let behind = barrier.iter().any(|(tp, offset)| {
+                map.get(tp)
+                    .is_some_and(|t| t.watermark().is_some_and(|w| w < *offset))
+            });
+            if !behind {
+                return Some(
+                    barrier
+                        .iter()
+                        .filter(|(tp, _)| map.contains_key(tp))
+                        .cloned()
+                        .collect(),
+                );
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            let wait = (deadline - now).min(Duration::from_millis(100));
+            map = self
+                .drained
+                .wait_timeout(map, wait)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
     /// Forgets every partition (after the final commit), so closing the consumer waits for nothing.
     pub fn clear(&self) {
         self.lock().clear();
@@ -252,5 +297,41 @@ mod tests {
         let h = std::thread::spawn(move || other.complete(&token));
         assert!(acks.wait_drained(&[tp], Instant::now() + Duration::from_secs(10)));
         h.join().unwrap();
+    }
+
+    #[test]
+    fn barrier_is_reached_when_everything_below_it_completes() {
+        let acks = std::sync::Arc::new(Acks::new());
+        let a = TopicPartition::new("t", 0);
+        let b = TopicPartition::new("t", 1);
+        let first = acks.start(&a, 3);
+        let second = acks.start(&a, 4);
+        let other = acks.start(&b, 9);
+        let mut barrier = acks.positions();
+        barrier.sort();
+        assert_eq!(barrier, vec![(a.clone(), 5), (b.clone(), 10)]);
+        let later = acks.start(&a, 5); // after the barrier: not waited for
+        acks.complete(&second);
+        acks.complete(&other);
+        assert_eq!(
+            acks.wait_reached(&barrier, Instant::now()),
+            None,
+            "3 is pending"
+        );
+        let waiter = acks.clone();
+        let h = std::thread::spawn(move || waiter.complete(&first));
+        let mut reached = acks
+            .wait_reached(&barrier, Instant::now() + Duration::from_secs(10))
+            .expect("reached");
+        reached.sort();
+        assert_eq!(reached, barrier);
+        h.join().unwrap();
+        acks.remove(std::slice::from_ref(&b));
+        assert_eq!(
+            acks.wait_reached(&barrier, Instant::now()),
+            Some(vec![(a.clone(), 5)]),
+            "a revoked partition drops out"
+        );
+        acks.complete(&later);
     }
 }

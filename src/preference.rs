@@ -36,6 +36,10 @@ pub struct Params {
     pub action_weights: [f32; 5],
     /// Halves an item's weight every this many milliseconds of age; `None` disables recency.
     pub recency_half_life_ms: Option<f64>,
+    /// Similarity to the reference uses the first `match_dims` values of each embedding (0: all),
+    /// for embeddings whose leading block says what an item depicts and the rest how it looks:
+    /// history is then retrieved by subject, and the preference still averages whole embeddings.
+    pub match_dims: usize,
 }
 
 impl Params {
@@ -47,6 +51,7 @@ impl Params {
             tau: c.tau,
             action_weights: c.action_weights.as_array(),
             recency_half_life_ms: (half > 0.0).then_some(half),
+            match_dims: c.match_dims,
         }
     }
 }
@@ -87,13 +92,17 @@ pub fn weigh(
     now_ms: i64,
     params: &Params,
 ) -> Vec<Weighted> {
+    let m = match params.match_dims {
+        0 => reference.len(),
+        m => m.min(reference.len()),
+    };
     let mut items: Vec<Weighted> = history
         .iter()
         .enumerate()
         .filter(|(_, h)| params.action_weights[h.action.index()] > 0.0)
         .map(|(index, h)| Weighted {
             index,
-            similarity: cosine(reference, &h.embedding),
+            similarity: cosine(&reference[..m], &h.embedding[..m.min(h.embedding.len())]),
             weight: 0.0,
         })
         .collect();
@@ -192,6 +201,7 @@ mod tests {
             tau: 0.1,
             action_weights: [1.0, 1.0, 1.0, 1.0, 0.0],
             recency_half_life_ms: None,
+            match_dims: 0,
         }
     }
 
@@ -309,5 +319,38 @@ mod tests {
         p.tau = 1e-6;
         let w = weigh(&[1.0, 0.0], &h, 10, &p);
         assert!((w[0].weight - 1.0).abs() < 1e-6 && w[1].weight == 0.0);
+    }
+
+    #[test]
+    fn match_dims_retrieves_by_the_leading_block_only() {
+        // Leading block: what the item depicts; the rest: how it looks.
+        let reference = [1.0, 0.0, 0.0, 1.0];
+        let same_subject = entry(0, &[1.0, 0.0, 0.0, -1.0], Action::Like, 0);
+        let same_look = entry(1, &[0.0, 1.0, 0.0, 1.0], Action::Like, 0);
+        let history = [same_subject, same_look];
+        let whole = weigh(
+            &reference,
+            &history,
+            0,
+            &params(WeightingMode::Retrieval, 1),
+        );
+        assert_eq!(
+            whole[0].index, 1,
+            "whole embeddings: the same look is nearer"
+        );
+        let leading = Params {
+            match_dims: 2,
+            ..params(WeightingMode::Retrieval, 1)
+        };
+        let by_subject = weigh(&reference, &history, 0, &leading);
+        assert_eq!(
+            by_subject[0].index, 0,
+            "leading block: the same subject is nearer"
+        );
+        assert_eq!(by_subject[0].similarity, 1.0);
+        // The preference still averages whole embeddings.
+        let p = preference_vector(&history, &by_subject, 4).unwrap();
+        assert_eq!(p.len(), 4);
+        assert!(p[3] < 0.0);
     }
 }

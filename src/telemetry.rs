@@ -230,8 +230,11 @@ pub fn init_logging(cfg: &TelemetryConfig) {
     use tracing_subscriber::EnvFilter;
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.log_filter));
+    use std::io::IsTerminal;
+    // Colours only for a terminal: a log file or collector gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match cfg.log_format {
         LogFormat::Json => builder.json().try_init(),

@@ -39,6 +39,8 @@ pub enum WorkerError {
     Redis(#[from] redis::RedisError),
     #[error("Kafka client: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("exactly-once mode: {0}")]
+    Transaction(#[from] crate::publish::CommitError),
     #[error("telemetry listener on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -184,7 +186,11 @@ pub async fn run(
     let abort = CancellationToken::new();
     let publisher = Publisher::new(&cfg.kafka, cfg.limits.max_payload_bytes, abort.clone())?;
     let acks = Arc::new(Acks::new());
-    let ingest = Ingest::new(&cfg.kafka, acks.clone())?;
+    let ingest = Ingest::new(
+        &cfg.kafka,
+        acks.clone(),
+        cfg.kafka.exactly_once.then(|| publisher.clone()),
+    )?;
     let dlq_tasks = DlqTasks::default();
     let (telemetry_addr, server) = telemetry::serve(
         cfg.telemetry.listen,
@@ -265,9 +271,20 @@ pub async fn run(
         });
     }
 
-    ingest.run(msg_tx, stop.clone(), health.clone()).await;
+    let consumed = ingest.run(msg_tx, stop.clone(), health.clone()).await;
     health.set_ready(false);
     stop.cancel();
+    if let Err(e) = consumed {
+        // The transaction is unusable: acknowledge nothing more, abort it, and leave the rest to
+        // the next instance, which replays from the last committed offsets.
+        tracing::error!(error = %e, "stopping: a transaction could not be committed");
+        abort.cancel();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), &mut stages).await;
+        crate::ingest::blocking(|| publisher.abort_transaction());
+        let _ = maintenance.await;
+        let _ = server.await;
+        return Err(e.into());
+    }
     tracing::info!(in_flight = ingest.in_flight(), grace = ?cfg.shutdown.grace, "draining");
     let drained = async {
         let _ = (&mut stages).await;

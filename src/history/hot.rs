@@ -47,6 +47,40 @@ end
 return added
 "#;
 
+fn client(cfg: &crate::config::RedisConfig) -> redis::RedisResult<redis::Client> {
+    if cfg.tls_ca_file.is_none() && cfg.tls_cert_file.is_none() {
+        return redis::Client::open(cfg.url.as_str());
+    }
+    let read = |key: &'static str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| {
+            redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                key,
+                format!("{}: {e}", path.display()),
+            ))
+        })
+    };
+    let root_cert = cfg
+        .tls_ca_file
+        .as_deref()
+        .map(|p| read("redis.tls_ca_file", p))
+        .transpose()?;
+    let client_tls = match (&cfg.tls_cert_file, &cfg.tls_key_file) {
+        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+            client_cert: read("redis.tls_cert_file", cert)?,
+            client_key: read("redis.tls_key_file", key)?,
+        }),
+        _ => None,
+    };
+    redis::Client::build_with_tls(
+        cfg.url.as_str(),
+        redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        },
+    )
+}
+
 /// The Redis connection and key layout. Every call can fail; the caller decides what a failure means.
 #[derive(Clone)]
 pub struct Hot {
@@ -60,9 +94,11 @@ pub struct Hot {
 }
 
 impl Hot {
-    /// A lazily connecting client: creating it never fails because Redis is down.
+    /// A lazily connecting client: creating it never fails because Redis is down. A `rediss://`
+    /// URL connects over TLS (rustls), trusting `tls_ca_file` when set, else the system's roots,
+    /// and presenting `tls_cert_file`/`tls_key_file` when set (mutual TLS).
     pub fn new(cfg: &crate::config::RedisConfig) -> redis::RedisResult<Hot> {
-        let client = redis::Client::open(cfg.url.as_str())?;
+        let client = client(cfg)?;
         let mgr_cfg = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(cfg.timeout))
             .set_response_timeout(Some(cfg.timeout))

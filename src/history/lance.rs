@@ -166,6 +166,12 @@ fn io_kind_transient(kind: std::io::ErrorKind) -> bool {
             | K::NetworkUnreachable
             | K::NetworkDown
             | K::ResourceBusy
+            // The volume is full, read-only or not ours right now: an operator fixes it and the
+            // worker goes on, having acknowledged nothing it could not write.
+            | K::StorageFull
+            | K::QuotaExceeded
+            | K::ReadOnlyFilesystem
+            | K::PermissionDenied
     )
 }
 
@@ -1162,6 +1168,13 @@ mod tests {
             std::io::ErrorKind::ConnectionReset,
         )));
         assert!(io.is_retryable());
+        let read_only = LanceError::Arrow(ArrowError::from(std::io::Error::from(
+            std::io::ErrorKind::ReadOnlyFilesystem,
+        )));
+        assert!(
+            read_only.is_retryable(),
+            "an unwritable volume stalls, it does not dead-letter"
+        );
         let bad = LanceError::Lance(lancedb::Error::InvalidInput {
             message: "nope".into(),
         });

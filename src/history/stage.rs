@@ -3,10 +3,11 @@
 //! Messages arrive in micro-batches (up to `lance.batch_max_rows`, waiting at most
 //! `lance.batch_linger`). For each batch: malformed messages go to the DLQ; items are upserted
 //! (LanceDB, then the Redis cache); interactions go to the users' Redis windows as they are met,
-//! so a display later in the batch sees them, and are written to LanceDB in one deduplicated
-//! append at the end of the batch; a display reads the user's history, weighs it against the
-//! reference (preference extraction) and is handed to the generation stage. Items and
-//! interactions are acknowledged only once LanceDB has them.
+//! so a display later in the batch sees them, and are queued for the LanceDB writer, which folds
+//! everything queued during its previous write into one deduplicated append (group commit); a
+//! display reads the user's history (LanceDB, Redis, and what the writer has not finished yet),
+//! weighs it against the reference (preference extraction) and is handed to the generation stage.
+//! Items and interactions are acknowledged only once LanceDB has them.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -59,10 +60,15 @@ impl HistoryStage {
     /// Processes batches from `rx` until it is closed and drained.
     ///
     /// Three things overlap: the next batch is decoded (on the blocking pool) while this one is
-    /// applied, and one LanceDB write is in flight while the next batch is cached in Redis and its
-    /// displays resolved; a batch's write starts once the previous one has finished.
+    /// applied, and the LanceDB writer works on earlier batches' interactions while later batches
+    /// are cached in Redis and their displays resolved. The writer takes everything that queued
+    /// up during its last write as one commit (group commit), so writes grow with the load
+    /// instead of capping it.
     pub async fn run(self, rx: mpsc::Receiver<Consumed>) {
         let this = Arc::new(self);
+        let unwritten = Arc::new(Unwritten::default());
+        let (write_tx, write_rx) = mpsc::channel(WRITE_QUEUE);
+        let writer = tokio::spawn(Arc::clone(&this).write_loop(write_rx, Arc::clone(&unwritten)));
         // One decoded batch waits while another is applied; more would only hold memory.
         let (decoded_tx, mut decoded_rx) = mpsc::channel(1);
         let batcher = tokio::spawn(batch_and_decode(
@@ -72,7 +78,6 @@ impl HistoryStage {
             this.linger,
             this.limits.clone(),
         ));
-        let mut writing: Option<Write> = None;
         while let Some(decoding) = decoded_rx.recv().await {
             let decoded = match decoding.await {
                 Ok(d) => d,
@@ -82,15 +87,14 @@ impl HistoryStage {
                     return;
                 }
             };
-            if this.process(decoded, &mut writing).await.is_err() {
+            if this.process(decoded, &write_tx, &unwritten).await.is_err() {
                 // Aborting: the consumer side sees the stage gone; nothing more is acknowledged.
                 batcher.abort();
                 return;
             }
         }
-        if let Some(w) = writing {
-            let _ = w.handle.await;
-        }
+        drop(write_tx);
+        let _ = writer.await;
     }
 
     /// Sends `msg` to the DLQ and acknowledges it once the DLQ has it (in the background: the
@@ -100,6 +104,7 @@ impl HistoryStage {
         let publisher = self.publisher.clone();
         let acks = self.acks.clone();
         self.dlq_tasks.spawn(async move {
+            let _txn = publisher.enter(&msg.token).await;
             match publisher.dead_letter(&msg, &error).await {
                 Ok(()) => acks.complete(&msg.token),
                 // The worker is aborting: not acknowledged, so it is replayed.
@@ -128,7 +133,8 @@ impl HistoryStage {
     async fn process(
         self: &Arc<Self>,
         batch: Vec<Result<Decoded, (Consumed, DecodeError)>>,
-        writing: &mut Option<Write>,
+        writer: &mpsc::Sender<WriteGroup>,
+        unwritten: &Unwritten,
     ) -> Result<(), Aborted> {
         let mut decoded = Vec::with_capacity(batch.len());
         for d in batch {
@@ -218,9 +224,9 @@ impl HistoryStage {
                     self.flush_windows(&entries[entries.len() - unflushed..])
                         .await;
                     unflushed = 0;
-                    let previous = writing.as_ref().map_or(&[][..], |w| &w.entries[..]);
+                    let previous = unwritten.snapshot();
                     match self
-                        .display(d.msg, ev, previous, &entries, &mut items)
+                        .display(d.msg, ev, &previous, &entries, &mut items)
                         .await
                     {
                         Ok(()) => {}
@@ -237,17 +243,54 @@ impl HistoryStage {
             .await;
 
         if !entries.is_empty() {
-            // One write at a time: wait for the previous batch's, then start this one's.
-            if let Some(previous) = writing.take() {
-                previous.handle.await.map_err(|_| Aborted)??;
-            }
             let entries = Arc::new(entries);
-            let this = Arc::clone(self);
-            let to_write = Arc::clone(&entries);
-            let handle = tokio::spawn(async move { this.persist(&to_write, entry_msgs).await });
-            *writing = Some(Write { handle, entries });
+            unwritten.push(Arc::clone(&entries));
+            let group = WriteGroup {
+                entries,
+                msgs: entry_msgs,
+            };
+            // A full queue holds this stage back (and with it the consumer): backpressure.
+            writer.send(group).await.map_err(|_| Aborted)?;
         }
         Ok(())
+    }
+
+    /// The LanceDB writer: one write at a time, each taking every group queued since the last
+    /// (up to `WRITE_MAX_BATCHES` micro-batches). Stops when the stage closes the queue, or
+    /// when the worker aborts (the queue's sender then sees it gone).
+    async fn write_loop(
+        self: Arc<Self>,
+        mut rx: mpsc::Receiver<WriteGroup>,
+        unwritten: Arc<Unwritten>,
+    ) {
+        while let Some(first) = rx.recv().await {
+            let mut groups = vec![first];
+            while groups.len() < WRITE_MAX_BATCHES {
+                match rx.try_recv() {
+                    Ok(g) => groups.push(g),
+                    Err(_) => break,
+                }
+            }
+            let n = groups.len();
+            let result = if n == 1 {
+                let g = groups.pop().expect("one group");
+                self.persist(&g.entries, g.msgs).await
+            } else {
+                let rows = groups.iter().map(|g| g.entries.len()).sum();
+                let mut entries = Vec::with_capacity(rows);
+                let mut msgs = Vec::with_capacity(rows);
+                for g in groups {
+                    entries.extend(g.entries.iter().cloned());
+                    msgs.extend(g.msgs);
+                }
+                self.persist(&entries, msgs).await
+            };
+            // Durable (or dead-lettered): displays find these in LanceDB from now on.
+            unwritten.pop(n);
+            if result.is_err() {
+                return;
+            }
+        }
     }
 
     /// Makes a batch's interactions durable, then acknowledges them.
@@ -375,11 +418,11 @@ impl HistoryStage {
         &self,
         msg: Consumed,
         ev: DisplayEvent,
-        previous: &[HistoryEntry],
+        previous: &[Arc<Vec<HistoryEntry>>],
         batch_entries: &[HistoryEntry],
         items: &mut HashMap<String, Item>,
     ) -> Result<(), (Consumed, Failure)> {
-        if self.history.output_done(&ev.request_id).await {
+        if !self.publisher.transactional() && self.history.output_done(&ev.request_id).await {
             metrics::counter!(names::OUTPUTS, "outcome" => "skipped_replay").increment(1);
             metrics::counter!(names::EVENTS, "type" => "display", "outcome" => "duplicate")
                 .increment(1);
@@ -421,6 +464,7 @@ impl HistoryStage {
         let read_started = Instant::now();
         let pending: Vec<&HistoryEntry> = previous
             .iter()
+            .flat_map(|group| group.iter())
             .chain(batch_entries)
             .filter(|e| e.user_id == ev.user_id)
             .collect();
@@ -573,11 +617,43 @@ fn decode_batch(
     out
 }
 
-/// A batch's LanceDB write, running while the next batch is prepared.
-struct Write {
-    handle: tokio::task::JoinHandle<Result<(), Aborted>>,
-    /// What it writes: not durable until `handle` finishes, so reads of this batch include it.
+/// Micro-batches of interactions waiting for the writer; more hold the stage back.
+const WRITE_QUEUE: usize = 8;
+/// Micro-batches the writer folds into one LanceDB commit at most.
+const WRITE_MAX_BATCHES: usize = 16;
+
+/// One micro-batch's interactions and the messages they acknowledge once durable.
+struct WriteGroup {
     entries: Arc<Vec<HistoryEntry>>,
+    msgs: Vec<Consumed>,
+}
+
+/// Interactions handed to the writer and not yet durable, oldest first. A display reads them
+/// as pending history, since LanceDB does not have them yet.
+#[derive(Default)]
+struct Unwritten(std::sync::Mutex<std::collections::VecDeque<Arc<Vec<HistoryEntry>>>>);
+
+impl Unwritten {
+    fn groups(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Arc<Vec<HistoryEntry>>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, entries: Arc<Vec<HistoryEntry>>) {
+        self.groups().push_back(entries);
+    }
+
+    /// Forgets the `n` oldest groups (the writer finished them).
+    fn pop(&self, n: usize) {
+        let mut groups = self.groups();
+        let n = n.min(groups.len());
+        groups.drain(..n);
+    }
+
+    fn snapshot(&self) -> Vec<Arc<Vec<HistoryEntry>>> {
+        self.groups().iter().cloned().collect()
+    }
 }
 
 /// Dead-letter sends running in the background, counted so shutdown can wait for them.

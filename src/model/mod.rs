@@ -319,6 +319,32 @@ pub mod testutil {
         }
     }
 
+    /// [`TintGenerator`] that takes `per_request` of wall time for each request: a generator that
+    /// cannot keep up, for backlog and backpressure measurements.
+    pub struct SlowGenerator {
+        pub per_request: std::time::Duration,
+    }
+
+    impl Generator for SlowGenerator {
+        fn version(&self) -> &str {
+            "test-slow"
+        }
+
+        fn generate(
+            &self,
+            batch: &[GenerationRequest],
+            cancel: &CancellationToken,
+        ) -> Result<Vec<Vec<Candidate>>, ModelError> {
+            for _ in batch {
+                if cancel.is_cancelled() {
+                    return Err(ModelError::Cancelled);
+                }
+                std::thread::sleep(self.per_request);
+            }
+            TintGenerator.generate(batch, cancel)
+        }
+    }
+
     /// Embeds an image by its mean colour and a text by its bytes, folded into `dim` values.
     pub struct HashEncoder {
         pub dim: usize,

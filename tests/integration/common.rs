@@ -180,6 +180,22 @@ pub async fn send_json(p: &FutureProducer, topic: &str, key: &str, v: &Value) {
     send(p, topic, key, v.to_string().as_bytes()).await;
 }
 
+/// Produces every (key, value) to `topic` with many sends in flight, and waits for them all.
+pub async fn produce_all(p: &FutureProducer, topic: &str, events: &[(String, Value)]) {
+    for chunk in events.chunks(2_000) {
+        let payloads: Vec<String> = chunk.iter().map(|(_, v)| v.to_string()).collect();
+        let sends = chunk.iter().zip(&payloads).map(|((k, _), v)| {
+            p.send(
+                FutureRecord::to(topic).key(k.as_str()).payload(v.as_str()),
+                Duration::from_secs(30),
+            )
+        });
+        for result in futures::future::join_all(sends).await {
+            result.expect("produced");
+        }
+    }
+}
+
 /// A consumer of `topic` from the beginning, in its own group.
 pub fn reader(bootstrap: &str, topic: &str) -> StreamConsumer {
     let c: StreamConsumer = ClientConfig::new()
@@ -248,6 +264,22 @@ pub async fn read_until(
         }
     }
     out
+}
+
+/// Reads output messages until every request in `wanted` has one (or `within` passes).
+pub async fn read_outputs(c: &StreamConsumer, wanted: &[String], within: Duration) -> Vec<Read> {
+    let mut missing: std::collections::HashSet<&str> = wanted.iter().map(String::as_str).collect();
+    let mut checked = 0;
+    read_until(c, within, |rs| {
+        for r in &rs[checked..] {
+            if let Some(id) = r.json()["request_id"].as_str() {
+                missing.remove(id);
+            }
+        }
+        checked = rs.len();
+        missing.is_empty()
+    })
+    .await
 }
 
 /// Deterministic unit-length embeddings; users lean toward one of two directions.
@@ -466,4 +498,72 @@ pub async fn lance_count(cfg: &Config) -> usize {
         .await
         .unwrap();
     store.count_interactions(None).await.unwrap()
+}
+
+pub fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A free port on 127.0.0.1 for a child's telemetry listener, so the harness can poll it.
+pub fn free_port() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// One `ragar run` process.
+pub struct Proc {
+    pub child: Child,
+    pub telemetry: std::net::SocketAddr,
+}
+
+impl Proc {
+    pub fn spawn(cfg: &Config, dir: &Path, n: usize) -> Proc {
+        let mut cfg = cfg.clone();
+        cfg.telemetry.listen = free_port();
+        let file = dir.join(format!("worker-{n}.toml"));
+        std::fs::write(&file, toml::to_string(&cfg).unwrap()).unwrap();
+        let log = std::fs::File::create(dir.join(format!("worker-{n}.log"))).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_ragar"))
+            .args(["run", "--config"])
+            .arg(&file)
+            .env("RUST_LOG", "ragar=info,warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("ragar run starts");
+        Proc {
+            child,
+            telemetry: cfg.telemetry.listen,
+        }
+    }
+
+    /// The process's /metrics page, once its listener is up.
+    pub fn metrics(&mut self) -> Option<String> {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            panic!("the worker exited on its own: {status}");
+        }
+        std::net::TcpStream::connect_timeout(&self.telemetry, Duration::from_millis(200))
+            .ok()
+            .map(|_| http_get(self.telemetry, "/metrics"))
+    }
+
+    /// SIGTERM, then waits: the graceful stop (drain, commit, leave the group).
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        self.child.wait().unwrap()
+    }
+
+    /// Messages this process has finished (any type, any outcome).
+    pub fn processed(&mut self) -> usize {
+        self.metrics()
+            .map_or(0, |page| metric(&page, "ragar_events_total{") as usize)
+    }
 }

@@ -2,5 +2,10 @@
 //! TCP), Redis and LanceDB in temp dirs. One binary, so the heavy dependencies link once.
 
 mod common;
+mod crash;
+mod exactly_once;
+mod faults;
 mod history;
+mod rebalance;
+mod tls;
 mod worker;

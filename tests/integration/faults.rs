@@ -1,0 +1,134 @@
+//! Faults of the stores, with the worker as a separate process: the LanceDB volume turning
+//! read-only stalls the worker (it says why, and acknowledges nothing it could not write), and
+//! it resumes by itself once the volume is writable again.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::Consumer;
+
+use crate::common::*;
+
+/// A tmpfs mounted for the test and unmounted when dropped.
+struct Mount(PathBuf);
+
+impl Mount {
+    /// `None` where this process may not mount (not root, or no CAP_SYS_ADMIN).
+    fn tmpfs(at: &Path) -> Option<Mount> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=256m", "tmpfs"])
+            .arg(at)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Mount(at.to_path_buf()))
+    }
+
+    fn remount(&self, mode: &str) {
+        let status = Command::new("mount")
+            .args(["-o", &format!("remount,{mode}")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(status.success(), "remount {mode}");
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_lancedb_volume_stalls_the_worker_until_it_is_writable() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(volume) = Mount::tmpfs(&dir.path().join("volume")) else {
+        println!("skipped: this process cannot mount a tmpfs to make read-only (needs root)");
+        return;
+    };
+    let broker = broker();
+    let mut cfg = config(
+        broker.bootstrap_servers(),
+        dir.path(),
+        "readonly",
+        &shared_redis_url(),
+    );
+    cfg.lance.uri = volume.0.join("lancedb").to_string_lossy().into_owned();
+    // No display in this stream: only history writes.
+    let s = stream(3, 10, 8, 30, 1_000);
+    let (first, second) = s.events.split_at(s.events.len() / 2);
+
+    let mut worker = Proc::spawn(&cfg, dir.path(), 0);
+    let p = producer(broker.bootstrap_servers());
+    produce_items(&p, &cfg, &s.items).await;
+    produce_all(&p, EVENTS, first).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while lance_count(&cfg).await < first.len() {
+        assert!(Instant::now() < deadline, "the first half was not stored");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    volume.remount("ro");
+    produce_all(&p, EVENTS, second).await;
+    let mut errors = || {
+        let page = worker.metrics();
+        page.map_or(0.0, |p| metric(&p, "ragar_lance_write_errors_total"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while errors() < 2.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the worker did not report failing writes"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        lance_count(&cfg).await,
+        first.len(),
+        "nothing written while read-only"
+    );
+    let page = worker.metrics().unwrap();
+    assert_eq!(
+        metric(&page, "ragar_dlq_messages_total"),
+        0.0,
+        "nothing dead-lettered"
+    );
+    let stored_ok: f64 = page
+        .lines()
+        .filter(|l| l.starts_with("ragar_events_total{"))
+        .filter(|l| l.contains("type=\"interaction\"") && l.contains("outcome=\"ok\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(
+        stored_ok as usize,
+        first.len(),
+        "nothing acknowledged that was not written"
+    );
+
+    volume.remount("rw");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while lance_count(&cfg).await < s.events.len() {
+        assert!(Instant::now() < deadline, "the worker did not resume");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = worker.terminate();
+    assert!(status.success(), "clean stop: {status}");
+    assert_eq!(
+        lance_count(&cfg).await,
+        s.events.len(),
+        "each interaction once"
+    );
+    let reader = reader(broker.bootstrap_servers(), DLQ);
+    let dead: i64 = (0..2)
+        .map(|part| {
+            let (lo, hi) = reader
+                .fetch_watermarks(DLQ, part, Duration::from_secs(5))
+                .unwrap();
+            hi - lo
+        })
+        .sum();
+    assert_eq!(dead, 0, "no message reached the DLQ");
+}
