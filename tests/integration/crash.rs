@@ -49,9 +49,10 @@ async fn sigkilled_worker_loses_nothing_and_stores_history_once() {
     let p = producer(broker.bootstrap_servers());
     produce_items(&p, &cfg, &s.items).await;
 
-    // The stream arrives in kills + 1 parts. Each process gets a part, is SIGKILLed a seeded
-    // random while after it has started on it, and the next process takes over its partitions
-    // (replaying whatever was not committed) and gets the next part.
+    // The stream arrives in kills + 1 parts. Each process gets a part and is SIGKILLed once it
+    // has finished a seeded random number of messages (up to the part's size), so the kills fall
+    // anywhere in the stream; the next process takes over its partitions (replaying whatever was
+    // not committed) and gets the next part.
     let parts: Vec<&[(String, serde_json::Value)]> = s
         .events
         .chunks(s.events.len().div_ceil(kills + 1))
@@ -59,13 +60,21 @@ async fn sigkilled_worker_loses_nothing_and_stores_history_once() {
     let mut killed_after = Vec::new();
     for part in &parts[..parts.len() - 1] {
         produce_all(&p, EVENTS, part).await;
+        let target = rng.random_range(1..=part.len());
         let deadline = Instant::now() + Duration::from_secs(120);
-        while current.processed() == 0 {
-            assert!(Instant::now() < deadline, "worker {n} made no progress");
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        let mut done = 0;
+        while done < target {
+            assert!(
+                done > 0 || Instant::now() < deadline,
+                "worker {n} made no progress"
+            );
+            if done > 0 && Instant::now() >= deadline {
+                break; // it finished what it had: kill it idle
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            done = current.processed();
         }
-        tokio::time::sleep(Duration::from_millis(rng.random_range(0..400))).await;
-        killed_after.push(current.processed());
+        killed_after.push(done);
         current.child.kill().unwrap(); // SIGKILL
         current.child.wait().unwrap();
         n += 1;
