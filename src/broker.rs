@@ -27,15 +27,21 @@ pub fn default_topics(partitions: i32) -> Vec<(String, i32)> {
 /// stops it.
 pub struct MockBroker {
     bootstrap: String,
-    stop: Option<mpsc::Sender<()>>,
+    commands: Option<mpsc::Sender<Command>>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// What the cluster's thread is asked to do; each command is answered on its channel.
+enum Command {
+    /// Take the broker down (connections dropped, new ones refused) or bring it back.
+    Reachable(bool, mpsc::Sender<KafkaResult<()>>),
 }
 
 impl MockBroker {
     /// Starts a one-broker cluster with `topics` created.
     pub fn start(topics: &[(String, i32)]) -> KafkaResult<MockBroker> {
         let (ready_tx, ready_rx) = mpsc::channel::<KafkaResult<String>>();
-        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        let (command_tx, command_rx) = mpsc::channel::<Command>();
         let topics = topics.to_vec();
         let thread = std::thread::Builder::new()
             .name("mock-kafka".into())
@@ -54,15 +60,26 @@ impl MockBroker {
                     }
                 }
                 let _ = ready_tx.send(Ok(cluster.bootstrap_servers()));
-                // Serve until told to stop or until the owner is gone.
-                let _ = stop_rx.recv();
+                // Serve until the owner is gone.
+                while let Ok(command) = command_rx.recv() {
+                    match command {
+                        Command::Reachable(up, reply) => {
+                            let result = if up {
+                                cluster.broker_up(BROKER_ID)
+                            } else {
+                                cluster.broker_down(BROKER_ID)
+                            };
+                            let _ = reply.send(result);
+                        }
+                    }
+                }
                 drop(cluster);
             })
             .expect("spawn mock broker thread");
         let bootstrap = ready_rx.recv().expect("mock broker thread answers")?;
         Ok(MockBroker {
             bootstrap,
-            stop: Some(stop_tx),
+            commands: Some(command_tx),
             thread: Some(thread),
         })
     }
@@ -71,11 +88,25 @@ impl MockBroker {
     pub fn bootstrap_servers(&self) -> &str {
         &self.bootstrap
     }
+
+    /// Makes the broker unreachable (its connections dropped, new ones refused), or reachable again.
+    pub fn set_reachable(&self, up: bool) -> KafkaResult<()> {
+        let (reply_tx, reply_rx) = mpsc::channel();
+        self.commands
+            .as_ref()
+            .expect("running")
+            .send(Command::Reachable(up, reply_tx))
+            .expect("mock broker thread runs");
+        reply_rx.recv().expect("mock broker thread answers")
+    }
 }
+
+/// The id of the one broker of the cluster (librdkafka numbers mock brokers from 1).
+const BROKER_ID: i32 = 1;
 
 impl Drop for MockBroker {
     fn drop(&mut self) {
-        self.stop.take();
+        self.commands.take();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

@@ -1,6 +1,6 @@
-//! Faults of the stores, with the worker as a separate process: the LanceDB volume turning
-//! read-only stalls the worker (it says why, and acknowledges nothing it could not write), and
-//! it resumes by itself once the volume is writable again.
+//! Faults, with the worker as a separate process: the LanceDB volume turning read-only stalls
+//! the worker (it says why, and acknowledges nothing it could not write) and it resumes by itself
+//! once the volume is writable again; the broker going away and coming back likewise.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -131,4 +131,75 @@ async fn read_only_lancedb_volume_stalls_the_worker_until_it_is_writable() {
         })
         .sum();
     assert_eq!(dead, 0, "no message reached the DLQ");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_broker_stalls_the_worker_until_it_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = broker();
+    let cfg = config(
+        broker.bootstrap_servers(),
+        dir.path(),
+        "brokerdown",
+        &shared_redis_url(),
+    );
+    let s = stream(4, 10, 6, 20, 5);
+    let (first, second) = s.events.split_at(s.events.len() / 2);
+    let interactions = |events: &[(String, serde_json::Value)]| {
+        events
+            .iter()
+            .filter(|(_, v)| v["type"] == "interaction")
+            .count()
+    };
+
+    let mut worker = Proc::spawn(&cfg, dir.path(), 0);
+    let p = producer(broker.bootstrap_servers());
+    produce_items(&p, &cfg, &s.items).await;
+    produce_all(&p, EVENTS, first).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while lance_count(&cfg).await < interactions(first) {
+        assert!(Instant::now() < deadline, "the first half was not stored");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    broker.set_reachable(false).unwrap();
+    // The worker notices (its consumer reports the lost connection) and keeps running.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let page = worker.metrics().expect("the worker keeps serving /metrics");
+        if metric(
+            &page,
+            "ragar_events_total{type=\"unknown\",outcome=\"consumer_error\"}",
+        ) > 0.0
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker did not notice the broker going away"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    broker.set_reachable(true).unwrap();
+
+    produce_all(&p, EVENTS, second).await;
+    let out = reader(broker.bootstrap_servers(), IMAGES);
+    let reads = read_outputs(&out, &s.displays, Duration::from_secs(120)).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while lance_count(&cfg).await < s.interactions {
+        assert!(Instant::now() < deadline, "the worker did not resume");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = worker.terminate();
+    assert!(status.success(), "clean stop: {status}");
+    assert_eq!(
+        lance_count(&cfg).await,
+        s.interactions,
+        "each interaction once"
+    );
+    let answered: std::collections::HashSet<String> = reads
+        .iter()
+        .map(|r| r.json()["request_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(answered.len(), s.displays.len(), "every display answered");
 }
