@@ -145,17 +145,29 @@ impl Acks {
     /// Waits until none of `tps` has work in flight, or until `deadline`. Returns whether they drained.
     /// Blocking: called from the rebalance callback, which librdkafka runs synchronously.
     pub fn wait_drained(&self, tps: &[TopicPartition], deadline: Instant) -> bool {
-        let mut map = self.lock();
-        loop {
+        self.wait_until(deadline, |map| {
             let busy = tps
                 .iter()
                 .any(|tp| map.get(tp).is_some_and(|t| t.in_flight() > 0));
-            if !busy {
-                return true;
+            (!busy).then_some(())
+        })
+        .is_some()
+    }
+
+    /// Re-evaluates `done` on every completion until it yields a value or `deadline` passes.
+    fn wait_until<R>(
+        &self,
+        deadline: Instant,
+        mut done: impl FnMut(&HashMap<TopicPartition, PartitionTracker>) -> Option<R>,
+    ) -> Option<R> {
+        let mut map = self.lock();
+        loop {
+            if let Some(r) = done(&map) {
+                return Some(r);
             }
             let now = Instant::now();
             if now >= deadline {
-                return false;
+                return None;
             }
             let wait = (deadline - now).min(Duration::from_millis(100));
             map = self
@@ -183,32 +195,19 @@ impl Acks {
         barrier: &[(TopicPartition, i64)],
         deadline: Instant,
     ) -> Option<Vec<(TopicPartition, i64)>> {
-        let mut map = self.lock();
-        loop {
+        self.wait_until(deadline, |map| {
             let behind = barrier.iter().any(|(tp, offset)| {
                 map.get(tp)
                     .is_some_and(|t| t.watermark().is_some_and(|w| w < *offset))
             });
-            if !behind {
-                return Some(
-                    barrier
-                        .iter()
-                        .filter(|(tp, _)| map.contains_key(tp))
-                        .cloned()
-                        .collect(),
-                );
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return None;
-            }
-            let wait = (deadline - now).min(Duration::from_millis(100));
-            map = self
-                .drained
-                .wait_timeout(map, wait)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
+            (!behind).then(|| {
+                barrier
+                    .iter()
+                    .filter(|(tp, _)| map.contains_key(tp))
+                    .cloned()
+                    .collect()
+            })
+        })
     }
 
     /// Forgets every partition (after the final commit), so closing the consumer waits for nothing.

@@ -432,17 +432,26 @@ pub fn assert_valid(v: &jsonschema::Validator, instance: &Value) {
 /// A private redis-server on a free port, for tests that stop it.
 pub struct OwnRedis {
     pub port: u16,
+    /// Settings after the listener's: TLS files, a password.
+    extra: Vec<String>,
+    /// `port` is a TLS port (the plain one is off).
+    tls: bool,
     child: Option<Child>,
 }
 
 impl OwnRedis {
     pub fn start() -> OwnRedis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut r = OwnRedis { port, child: None };
+        OwnRedis::start_with(false, Vec::new())
+    }
+
+    /// A server listening on TLS only (`tls`) or plain TCP, with `extra` settings.
+    pub fn start_with(tls: bool, extra: Vec<String>) -> OwnRedis {
+        let mut r = OwnRedis {
+            port: free_port().port(),
+            extra,
+            tls,
+            child: None,
+        };
         r.restart();
         r
     }
@@ -452,17 +461,16 @@ impl OwnRedis {
     }
 
     pub fn restart(&mut self) {
+        let port = self.port.to_string();
+        let listen = if self.tls {
+            vec!["--port", "0", "--tls-port", &port]
+        } else {
+            vec!["--port", &port]
+        };
         let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(listen)
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -491,6 +499,39 @@ impl Drop for OwnRedis {
 
 pub fn shared_redis_url() -> String {
     std::env::var("RAGAR_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into())
+}
+
+/// Polls until `cond` holds (the stores and the worker processes offer no event to await),
+/// failing after `within`.
+pub async fn until(what: &str, within: Duration, mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until LanceDB holds at least `n` interactions; `what` names the wait in the failure.
+pub async fn wait_stored(cfg: &Config, n: usize, what: &str) {
+    let store = ragar::history::lance::LanceStore::open(&cfg.lance.uri, cfg.models.dim)
+        .await
+        .unwrap();
+    until(what, Duration::from_secs(120), async || {
+        store.count_interactions(None).await.unwrap() >= n
+    })
+    .await;
+}
+
+/// Messages in the dead-letter topic (both its partitions), read from the watermarks.
+pub fn dlq_messages(c: &StreamConsumer) -> i64 {
+    (0..2)
+        .map(|part| {
+            let (lo, hi) = c
+                .fetch_watermarks(DLQ, part, Duration::from_secs(5))
+                .unwrap();
+            hi - lo
+        })
+        .sum()
 }
 
 pub async fn lance_count(cfg: &Config) -> usize {

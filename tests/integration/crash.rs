@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rdkafka::consumer::Consumer;
 
 use crate::common::*;
 use ragar::history::hot::Hot;
@@ -87,14 +86,7 @@ async fn sigkilled_worker_loses_nothing_and_stores_history_once() {
     let out = reader(broker.bootstrap_servers(), IMAGES);
     let wanted: HashSet<&str> = s.displays.iter().map(String::as_str).collect();
     let reads = read_outputs(&out, &s.displays, Duration::from_secs(300)).await;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while lance_count(&cfg).await < s.interactions {
-        assert!(
-            Instant::now() < deadline,
-            "interactions did not all reach LanceDB"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_stored(&cfg, s.interactions, "every interaction reaches LanceDB").await;
     let final_processed = last.processed();
     let status = last.terminate();
     assert!(
@@ -153,17 +145,7 @@ async fn sigkilled_worker_loses_nothing_and_stores_history_once() {
         .collect();
     assert!(lost.is_empty(), "displays without output: {lost:?}");
     let outputs: usize = per_request.values().sum();
-    let (low, high) = out
-        .fetch_watermarks(DLQ, 0, Duration::from_secs(5))
-        .unwrap();
-    let (low1, high1) = out
-        .fetch_watermarks(DLQ, 1, Duration::from_secs(5))
-        .unwrap();
-    assert_eq!(
-        (high - low) + (high1 - low1),
-        0,
-        "nothing was dead-lettered"
-    );
+    assert_eq!(dlq_messages(&out), 0, "nothing was dead-lettered");
 
     println!(
         "crash harness: {} events ({} interactions, {} displays, {} users) in {:.1} s; \

@@ -4,9 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
-
-use rdkafka::consumer::Consumer;
+use std::time::Duration;
 
 use crate::common::*;
 
@@ -65,26 +63,19 @@ async fn read_only_lancedb_volume_stalls_the_worker_until_it_is_writable() {
     let p = producer(broker.bootstrap_servers());
     produce_items(&p, &cfg, &s.items).await;
     produce_all(&p, EVENTS, first).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while lance_count(&cfg).await < first.len() {
-        assert!(Instant::now() < deadline, "the first half was not stored");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_stored(&cfg, first.len(), "the first half is stored").await;
 
     volume.remount("ro");
     produce_all(&p, EVENTS, second).await;
-    let mut errors = || {
-        let page = worker.metrics();
-        page.map_or(0.0, |p| metric(&p, "ragar_lance_write_errors_total"))
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while errors() < 2.0 {
-        assert!(
-            Instant::now() < deadline,
-            "the worker did not report failing writes"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until(
+        "the worker reports failing writes",
+        Duration::from_secs(60),
+        async || {
+            let page = worker.metrics();
+            page.map_or(0.0, |p| metric(&p, "ragar_lance_write_errors_total")) >= 2.0
+        },
+    )
+    .await;
     assert_eq!(
         lance_count(&cfg).await,
         first.len(),
@@ -109,11 +100,7 @@ async fn read_only_lancedb_volume_stalls_the_worker_until_it_is_writable() {
     );
 
     volume.remount("rw");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while lance_count(&cfg).await < s.events.len() {
-        assert!(Instant::now() < deadline, "the worker did not resume");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_stored(&cfg, s.events.len(), "the worker resumes").await;
     let status = worker.terminate();
     assert!(status.success(), "clean stop: {status}");
     assert_eq!(
@@ -122,15 +109,7 @@ async fn read_only_lancedb_volume_stalls_the_worker_until_it_is_writable() {
         "each interaction once"
     );
     let reader = reader(broker.bootstrap_servers(), DLQ);
-    let dead: i64 = (0..2)
-        .map(|part| {
-            let (lo, hi) = reader
-                .fetch_watermarks(DLQ, part, Duration::from_secs(5))
-                .unwrap();
-            hi - lo
-        })
-        .sum();
-    assert_eq!(dead, 0, "no message reached the DLQ");
+    assert_eq!(dlq_messages(&reader), 0, "no message reached the DLQ");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -156,40 +135,28 @@ async fn unreachable_broker_stalls_the_worker_until_it_is_back() {
     let p = producer(broker.bootstrap_servers());
     produce_items(&p, &cfg, &s.items).await;
     produce_all(&p, EVENTS, first).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while lance_count(&cfg).await < interactions(first) {
-        assert!(Instant::now() < deadline, "the first half was not stored");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_stored(&cfg, interactions(first), "the first half is stored").await;
 
     broker.set_reachable(false).unwrap();
     // The worker notices (its consumer reports the lost connection) and keeps running.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let page = worker.metrics().expect("the worker keeps serving /metrics");
-        if metric(
-            &page,
-            "ragar_events_total{type=\"unknown\",outcome=\"consumer_error\"}",
-        ) > 0.0
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the worker did not notice the broker going away"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until(
+        "the worker notices the broker going away",
+        Duration::from_secs(60),
+        async || {
+            let page = worker.metrics().expect("the worker keeps serving /metrics");
+            metric(
+                &page,
+                "ragar_events_total{type=\"unknown\",outcome=\"consumer_error\"}",
+            ) > 0.0
+        },
+    )
+    .await;
     broker.set_reachable(true).unwrap();
 
     produce_all(&p, EVENTS, second).await;
     let out = reader(broker.bootstrap_servers(), IMAGES);
     let reads = read_outputs(&out, &s.displays, Duration::from_secs(120)).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while lance_count(&cfg).await < s.interactions {
-        assert!(Instant::now() < deadline, "the worker did not resume");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_stored(&cfg, s.interactions, "the worker resumes").await;
     let status = worker.terminate();
     assert!(status.success(), "clean stop: {status}");
     assert_eq!(

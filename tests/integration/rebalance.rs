@@ -10,19 +10,10 @@
 //! before it leaves, while the group is stable.
 
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::common::*;
 use ragar::history::lance::LanceStore;
-
-/// Waits until `cond` holds, polling (the processes offer no event to await).
-async fn until(what: &str, within: Duration, mut cond: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !cond().await {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 fn duplicates(page: &str) -> f64 {
     page.lines()
@@ -60,12 +51,7 @@ async fn workers_joining_and_leaving_lose_nothing_and_keep_each_users_order() {
     produce_items(&p, &cfg, &s.items).await;
     produce_all(&p, EVENTS, thirds[0]).await;
     let first = interactions_in(thirds[0]);
-    until(
-        "A has stored the first third",
-        Duration::from_secs(90),
-        async || lance_count(&cfg).await >= first,
-    )
-    .await;
+    wait_stored(&cfg, first, "A has stored the first third").await;
 
     // B joins: the group rebalances, A commits what it revokes.
     let mut b = Proc::spawn(&cfg, dir.path(), 1);
@@ -87,12 +73,7 @@ async fn workers_joining_and_leaving_lose_nothing_and_keep_each_users_order() {
 
     let out = reader(broker.bootstrap_servers(), IMAGES);
     let reads = read_outputs(&out, &s.displays, Duration::from_secs(120)).await;
-    until(
-        "every interaction is stored",
-        Duration::from_secs(60),
-        async || lance_count(&cfg).await >= s.interactions,
-    )
-    .await;
+    wait_stored(&cfg, s.interactions, "every interaction is stored").await;
     let b_page = b.metrics().unwrap();
     let status = b.terminate();
     assert!(status.success(), "B stops cleanly: {status}");

@@ -2,9 +2,10 @@
 //! certificate and a password, certificates made by the openssl command line.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
+use crate::common::OwnRedis;
 use ragar::config::RedisConfig;
 use ragar::history::hot::Hot;
 use ragar::history::HistoryEntry;
@@ -85,63 +86,23 @@ fn certificates(dir: &Path) {
     }
 }
 
-struct TlsRedis {
-    port: u16,
-    child: std::process::Child,
-}
-
-impl Drop for TlsRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn tls_redis(dir: &Path) -> TlsRedis {
-    let port = crate::common::free_port().port();
+/// A redis-server of the test's own on a TLS port only, demanding a client certificate and a
+/// password.
+fn tls_redis(dir: &Path) -> OwnRedis {
     let path = |f: &str| dir.join(f).to_string_lossy().into_owned();
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            "0",
-            "--tls-port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-        ])
-        .args([
-            "--tls-cert-file",
-            &path("server.crt"),
-            "--tls-key-file",
-            &path("server.key"),
-        ])
-        .args([
-            "--tls-ca-cert-file",
-            &path("ca.crt"),
-            "--tls-auth-clients",
-            "yes",
-        ])
-        .args([
-            "--requirepass",
-            "s3cret",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server is installed");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "redis-server with TLS did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    TlsRedis { port, child }
+    let extra = [
+        "--tls-cert-file",
+        &path("server.crt"),
+        "--tls-key-file",
+        &path("server.key"),
+        "--tls-ca-cert-file",
+        &path("ca.crt"),
+        "--tls-auth-clients",
+        "yes",
+        "--requirepass",
+        "s3cret",
+    ];
+    OwnRedis::start_with(true, extra.iter().map(|a| a.to_string()).collect())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
