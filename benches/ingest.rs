@@ -19,6 +19,10 @@ use ragar::model::testutil::TintGenerator;
 use ragar::model::CosineRanker;
 use ragar::worker::Models;
 
+/// The allocator the `ragar` binary uses.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const DIM: usize = 384;
 const PARTITIONS: i32 = 128;
 const TOPIC: &str = "ragar.events";

@@ -325,12 +325,24 @@ pub struct ModelsConfig {
     pub minilm_dir: PathBuf,
     /// `passthrough`: publish the reference itself (the no-personalization baseline);
     /// `diffusion`: the EmojiStyle diffusion generator in `generator_dir` (needs `encoder =
-    /// "emoji"`, whose style block conditions it).
+    /// "emoji"`, whose style block conditions it); `sd`: Stable Diffusion img2img from `sd_dir`
+    /// (needs `encoder = "emoji"`, which embeds its candidates for the ranker).
     pub generator: String,
     /// Bundle of the `diffusion` generator (`ragar train generator` writes `models/generator`).
     pub generator_dir: PathBuf,
     /// Sampling steps of the `diffusion` generator; 0 takes the bundle's default.
     pub generator_steps: usize,
+    /// The `sd` generator's model: a Stable Diffusion directory in the diffusers layout
+    /// (`unet/`, `vae/`, `text_encoder/`, `tokenizer/tokenizer.json`, `scheduler/`).
+    pub sd_dir: PathBuf,
+    /// Denoising steps the `sd` generator runs per image (1 for SD-Turbo).
+    pub sd_steps: usize,
+    /// How far the `sd` generator may move from the reference, in (0, 1]: the share of the noise
+    /// schedule its steps cover (1 ignores the reference).
+    pub sd_strength: f64,
+    /// Classifier-free guidance scale of the `sd` generator; at most 1 turns guidance off (0 for
+    /// SD-Turbo).
+    pub sd_guidance: f64,
     /// `cosine`: personalization and fidelity as embedding cosines (the feature-consistency baseline);
     /// `learned`: the ranker bundle in `ranker_dir` (needs `encoder = "emoji"`).
     pub ranker: String,
@@ -350,6 +362,10 @@ impl Default for ModelsConfig {
             generator: "passthrough".into(),
             generator_dir: PathBuf::from("models/generator"),
             generator_steps: 0,
+            sd_dir: PathBuf::from("models/stable-diffusion"),
+            sd_steps: 20,
+            sd_strength: 0.6,
+            sd_guidance: 7.5,
             ranker: "cosine".into(),
             ranker_dir: PathBuf::from("models/ranker"),
             personalization_weight: 0.5,
@@ -678,6 +694,31 @@ impl Config {
         if !(0.0..=1.0).contains(&m.personalization_weight) {
             return Err(invalid("models.personalization_weight", "must be in 0..=1"));
         }
+        if m.sd_steps == 0 || m.sd_steps > 1000 {
+            return Err(invalid("models.sd_steps", "must be in 1..=1000"));
+        }
+        if !(m.sd_strength > 0.0 && m.sd_strength <= 1.0) {
+            return Err(invalid(
+                "models.sd_strength",
+                "must be greater than 0 and at most 1",
+            ));
+        }
+        if m.sd_steps as f64 / m.sd_strength > 1000.0 {
+            return Err(invalid(
+                "models.sd_steps",
+                format!(
+                    "{} steps at models.sd_strength {} need more than the 1000 points of a \
+                     Stable Diffusion noise schedule",
+                    m.sd_steps, m.sd_strength
+                ),
+            ));
+        }
+        if !(m.sd_guidance.is_finite() && m.sd_guidance >= 0.0) {
+            return Err(invalid(
+                "models.sd_guidance",
+                "must be a finite number >= 0",
+            ));
+        }
         let l = &self.limits;
         if l.max_payload_bytes < 1024 {
             return Err(invalid("limits.max_payload_bytes", "must be at least 1024"));
@@ -895,6 +936,35 @@ mod tests {
             "telemetry.listen"
         );
         assert_eq!(err_key("[models]\ndim = 0\n", &[]), "models.dim");
+        assert_eq!(err_key("[models]\nsd_steps = 0\n", &[]), "models.sd_steps");
+        assert_eq!(
+            err_key("[models]\nsd_steps = 800\nsd_strength = 0.5\n", &[]),
+            "models.sd_steps"
+        );
+        assert_eq!(
+            err_key("[models]\nsd_strength = 0\n", &[]),
+            "models.sd_strength"
+        );
+        assert_eq!(
+            err_key("", &[("RAGAR_MODELS__SD_STRENGTH", "1.5")]),
+            "models.sd_strength"
+        );
+        assert_eq!(
+            err_key("[models]\nsd_guidance = -1.0\n", &[]),
+            "models.sd_guidance"
+        );
+        assert_eq!(
+            err_key("[models]\nsd_dirr = \"x\"\n", &[]),
+            "models.sd_dirr"
+        );
+        let sd = load(
+            "[models]\ngenerator = \"sd\"\nsd_dir = \"m/sd-turbo\"\nsd_steps = 1\nsd_strength = 0.5\nsd_guidance = 0.0\n",
+            &[("RAGAR_MODELS__SD_GUIDANCE", "1")],
+        )
+        .unwrap();
+        assert_eq!(sd.models.sd_dir, PathBuf::from("m/sd-turbo"));
+        assert_eq!((sd.models.sd_steps, sd.models.sd_strength), (1, 0.5));
+        assert_eq!(sd.models.sd_guidance, 1.0);
         assert_eq!(
             err_key("[redis]\ntls_ca_file = \"Cargo.toml\"\n", &[]),
             "redis.tls_ca_file",

@@ -548,6 +548,21 @@ pub fn generation_rows(
     let hist = histories(sim, items);
     let empty = Vec::new();
     let dim = items.values().next().map_or(0, |e| e.len());
+    // Item texts by emoji id, for generators that read the preference as a prompt.
+    let texts: HashMap<&str, Arc<str>> = manifest
+        .emoji
+        .iter()
+        .map(|e| {
+            (
+                e.id.as_str(),
+                Arc::from(crate::data::simulate::item_text(e)),
+            )
+        })
+        .collect();
+    let text_of = |item_id: &str| -> Option<Arc<str>> {
+        let emoji = item_id.split_once('.').map_or(item_id, |(_, e)| e);
+        texts.get(emoji).cloned()
+    };
     // Per display, the same for every setting: the reference drawing and the retrieval-weighted
     // preference the ranker column is measured against.
     let references: Vec<Arc<Image>> = sim
@@ -580,6 +595,11 @@ pub fn generation_rows(
                 preference: preference::preference_vector(h, &weighted, dim).map(Arc::from),
                 seeds: (0..spec.candidates.max(1) as u64)
                     .map(|i| d.seed.wrapping_add(i))
+                    .collect(),
+                reference_text: texts.get(d.emoji_id.as_str()).cloned(),
+                prompt_hints: weighted
+                    .iter()
+                    .filter_map(|w| text_of(&h[w.index].item_id).map(|t| (t.to_string(), w.weight)))
                     .collect(),
             };
             let started = std::time::Instant::now();

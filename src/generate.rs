@@ -71,19 +71,39 @@ fn png_payload(img: &Image, png: &[u8]) -> ImagePayload {
     }
 }
 
+/// Dynamic batching: waits for a first job, then takes whatever else arrives within `delay` of
+/// it, up to `max` jobs. `None` once the channel is closed and empty.
+pub async fn next_batch<T>(
+    rx: &mut mpsc::Receiver<T>,
+    max: usize,
+    delay: Duration,
+) -> Option<Vec<T>> {
+    let first = rx.recv().await?;
+    let mut batch = vec![first];
+    let deadline = tokio::time::Instant::now() + delay;
+    while batch.len() < max {
+        // What is already queued joins without waiting; then wait out the delay for the rest.
+        match rx.try_recv() {
+            Ok(job) => {
+                batch.push(job);
+                continue;
+            }
+            Err(mpsc::error::TryRecvError::Disconnected) => break,
+            Err(mpsc::error::TryRecvError::Empty) => {}
+        }
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(job)) => batch.push(job),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    Some(batch)
+}
+
 type ModelOutput = (Vec<Vec<Candidate>>, Vec<Vec<Scores>>, f64, f64);
 
 impl GenerateStage {
     pub async fn run(self, mut rx: mpsc::Receiver<DisplayJob>) {
-        while let Some(first) = rx.recv().await {
-            let mut batch = vec![first];
-            let deadline = tokio::time::Instant::now() + self.batch_delay;
-            while batch.len() < self.batch_max {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(job)) => batch.push(job),
-                    Ok(None) | Err(_) => break,
-                }
-            }
+        while let Some(batch) = next_batch(&mut rx, self.batch_max, self.batch_delay).await {
             metrics::histogram!(names::GENERATION_BATCH).record(batch.len() as f64);
             if self.process(batch).await.is_err() {
                 return;
@@ -99,6 +119,10 @@ impl GenerateStage {
                 reference_embedding: j.reference_embedding.clone(),
                 preference: j.preference.clone(),
                 seeds: j.seeds.clone(),
+                // The history stage resolves embeddings, not item texts: prompt-conditioned
+                // generators get the bare prompt here.
+                reference_text: None,
+                prompt_hints: Vec::new(),
             })
             .collect();
         let (generator, ranker, cancel) = (
@@ -271,5 +295,43 @@ impl GenerateStage {
                 self.acks.complete(&job.msg.token);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn batches_take_what_is_queued_up_to_the_maximum() {
+        let (tx, mut rx) = mpsc::channel(16);
+        for i in 0..7 {
+            tx.send(i).await.unwrap();
+        }
+        // A long delay is not waited out once the batch is full.
+        let long = Duration::from_secs(3600);
+        assert_eq!(next_batch(&mut rx, 4, long).await, Some(vec![0, 1, 2, 3]));
+        drop(tx);
+        // A closed channel ends the batch early, then ends the stream.
+        assert_eq!(next_batch(&mut rx, 4, long).await, Some(vec![4, 5, 6]));
+        assert_eq!(next_batch(&mut rx, 4, long).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_zero_delay_still_takes_what_is_already_queued() {
+        let (tx, mut rx) = mpsc::channel(16);
+        tx.send(1).await.unwrap();
+        assert_eq!(next_batch(&mut rx, 8, Duration::ZERO).await, Some(vec![1]));
+        tx.send(2).await.unwrap();
+        let sender = tokio::spawn(async move {
+            tx.send(3).await.unwrap();
+            tx
+        });
+        let _tx = sender.await.unwrap();
+        // Both are queued now: a zero delay still takes what is already there.
+        assert_eq!(
+            next_batch(&mut rx, 8, Duration::ZERO).await,
+            Some(vec![2, 3])
+        );
     }
 }

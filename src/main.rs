@@ -7,6 +7,11 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+/// mimalloc keeps freed memory for reuse: with the system allocator, each model step's large
+/// tensors were fresh mappings, and the generator spent 40% of its time in page faults.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "ragar",
@@ -140,6 +145,59 @@ enum Command {
         /// Partitions per topic.
         #[arg(long, default_value_t = 8)]
         partitions: i32,
+    },
+    /// Stable Diffusion in the diffusers layout (`models.generator = "sd"`).
+    Sd {
+        #[command(subcommand)]
+        step: SdStep,
+    },
+    /// Timings on this machine (its GPU in CUDA builds); prints one JSON line.
+    Bench {
+        #[command(subcommand)]
+        what: BenchWhat,
+    },
+}
+
+#[derive(Subcommand)]
+enum SdStep {
+    /// Write a tiny random-weight Stable Diffusion (64×64 images, 8×8 latents) in the diffusers
+    /// layout, for tests and for trying `models.generator = "sd"` without the real weights.
+    InitTiny {
+        #[arg(long)]
+        out: PathBuf,
+        /// Seed of the random weights (same seed, same files).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchWhat {
+    /// The SD1.5 architecture with random weights (f16 on CUDA, f32 on CPU): 50 steps with
+    /// classifier-free guidance + VAE decode and 1 step + decode, at batch 1 and 4, timed as
+    /// shared/tools/sd_unet_anchor.py times diffusers (keys `candle_b1_50steps_s`, ...).
+    Sd {
+        /// The tiny architecture of `ragar sd init-tiny` (a quick check of the timing path).
+        #[arg(long)]
+        tiny: bool,
+        /// Run on the CPU even where a GPU is available.
+        #[arg(long)]
+        cpu: bool,
+        /// Steps of the long run.
+        #[arg(long, default_value_t = 50)]
+        steps: usize,
+        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 4])]
+        batch: Vec<usize>,
+        /// Timed repetitions of the long run (the minimum is reported).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Timed repetitions of the 1-step run.
+        #[arg(long, default_value_t = 10)]
+        reps_one_step: usize,
+        /// candle's flash attention in the UNet: needs a build with candle-transformers'
+        /// `flash-attn` feature, which this one does not have (refused).
+        #[arg(long)]
+        use_flash_attn: bool,
     },
 }
 
@@ -747,6 +805,36 @@ fn main() -> anyhow::Result<()> {
             eprintln!("serving topics ragar.items, ragar.events, ragar.images, ragar.events.dlq ({partitions} partitions each); Ctrl-C stops");
             runtime.block_on(shutdown_signal());
             drop(broker);
+        }
+        Command::Sd {
+            step: SdStep::InitTiny { out, seed },
+        } => {
+            ragar::model::sd::write_tiny(&out, seed)
+                .with_context(|| format!("writing the tiny model to {}", out.display()))?;
+            println!("{}", out.display());
+        }
+        Command::Bench {
+            what:
+                BenchWhat::Sd {
+                    tiny,
+                    cpu,
+                    steps,
+                    batch,
+                    reps,
+                    reps_one_step,
+                    use_flash_attn,
+                },
+        } => {
+            let out = ragar::model::sd::bench(&ragar::model::sd::BenchOptions {
+                tiny,
+                cpu,
+                steps,
+                batches: batch,
+                reps,
+                reps_one_step,
+                use_flash_attn,
+            })?;
+            println!("{out}");
         }
     }
     Ok(())

@@ -23,6 +23,7 @@ use crate::model::diffusion::StyleDiffusion;
 use crate::model::emoji::EmojiEncoder;
 use crate::model::minilm::MiniLm;
 use crate::model::ranker::LearnedRanker;
+use crate::model::sd::{SdGenerator, SdOptions};
 use crate::model::{CosineRanker, Generator, ItemEncoder, Passthrough, Ranker, TextEncoder};
 use crate::offsets::Acks;
 use crate::preference::Params;
@@ -121,7 +122,32 @@ impl Models {
                 }
                 Arc::new(generator)
             }
-            other => return Err(unknown("models.generator", other, "passthrough, diffusion")),
+            "sd" => {
+                if encoder.is_none() {
+                    return Err(invalid(
+                        "models.generator",
+                        "the sd generator's candidates are embedded by the item encoder for the \
+                         ranker: it needs models.encoder = \"emoji\""
+                            .into(),
+                    ));
+                }
+                let options = SdOptions {
+                    steps: cfg.sd_steps,
+                    strength: cfg.sd_strength,
+                    guidance: cfg.sd_guidance,
+                };
+                Arc::new(
+                    SdGenerator::load(&cfg.sd_dir, options)
+                        .map_err(|e| invalid("models.sd_dir", e.to_string()))?,
+                )
+            }
+            other => {
+                return Err(unknown(
+                    "models.generator",
+                    other,
+                    "passthrough, diffusion, sd",
+                ))
+            }
         };
         let ranker: Arc<dyn Ranker> = match cfg.ranker.as_str() {
             "cosine" => Arc::new(CosineRanker {
@@ -421,6 +447,18 @@ mod tests {
             }),
             "models.generator_dir"
         );
+        // Stable Diffusion from a directory in the diffusers layout.
+        let sd = tempfile::tempdir().unwrap();
+        let sd_cfg = ModelsConfig {
+            generator: "sd".into(),
+            sd_dir: sd.path().into(),
+            sd_steps: 1,
+            ..cfg.clone()
+        };
+        assert_eq!(key_of(&sd_cfg), "models.sd_dir");
+        crate::model::sd::write_tiny(sd.path(), 1).unwrap();
+        let with_sd = Models::from_config(&sd_cfg).unwrap();
+        assert!(with_sd.generator.version().starts_with("sd:"));
         let enc = models.encoder.unwrap();
         assert_eq!(enc.dim(), 416);
         let e = enc

@@ -191,13 +191,17 @@ impl StyleNet {
                 .silu()
         };
         let x = Tensor::cat(&[reference, x_t], 1)?;
-        let h0 = modulate(self.inc.forward(&x)?, 0, c)?;
-        let h1 = modulate(self.down.forward(&h0)?, 2 * c, 2 * c)?;
-        let h1 = modulate(self.mid.forward(&h1)?, 6 * c, 2 * c)?;
+        let h0 = modulate(conv3x3(&self.inc, &x, 1)?, 0, c)?;
+        let h1 = modulate(conv3x3(&self.down, &h0, 2)?, 2 * c, 2 * c)?;
+        let h1 = modulate(conv3x3(&self.mid, &h1, 1)?, 6 * c, 2 * c)?;
         let r = self.config.resolution as usize;
         let up = h1.upsample_nearest2d(r, r)?;
-        let h2 = modulate(self.up.forward(&Tensor::cat(&[&up, &h0], 1)?)?, 10 * c, c)?;
-        self.out.forward(&h2)
+        let h2 = modulate(
+            conv3x3(&self.up, &Tensor::cat(&[&up, &h0], 1)?, 1)?,
+            10 * c,
+            c,
+        )?;
+        conv3x3(&self.out, &h2, 1)
     }
 
     /// Deterministic DDIM from `noise` (`[b, 3, r, r]`) over `steps` steps; returns the images
@@ -232,6 +236,73 @@ impl StyleNet {
         }
         Ok((reference + x)?.clamp(-1f32, 1f32)?)
     }
+}
+
+/// Values of one patch matrix at most (1 MiB): larger ones ran slower per image, out of cache.
+const PATCH_VALUES: usize = 1 << 18;
+
+/// A 3×3 convolution with padding 1 and stride 1 or 2 (every convolution of [`StyleNet`]) as one
+/// matrix product: the nine shifted views of the padded input are stacked into the patch matrix
+/// `[c_in · 9, b · h · w]` by block copies, then multiplied by the weights `[c_out, c_in · 9]`.
+/// The same function as `conv.forward(x)` (up to the order of the sums), and differentiable, so
+/// training runs it too. candle's CPU convolution gathers its patches element by element, which
+/// was two thirds of the generator's instructions (callgrind); this is the fast path.
+pub fn conv3x3(conv: &Conv2d, x: &Tensor, stride: usize) -> candle_core::Result<Tensor> {
+    let (b, c_in, h, w) = x.dims4()?;
+    let weight = conv.weight();
+    let c_out = weight.dim(0)?;
+    if weight.dims() != [c_out, c_in, 3, 3]
+        || !(stride == 1 || (stride == 2 && h % 2 == 0 && w % 2 == 0))
+    {
+        return conv.forward(x);
+    }
+    let (oh, ow) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
+    // A few images at a time, so the patch matrix stays in cache.
+    let per_image = c_in * 9 * oh * ow;
+    let chunk = (PATCH_VALUES / per_image).max(1);
+    if b > chunk {
+        let parts = (0..b)
+            .step_by(chunk)
+            .map(|start| conv3x3(conv, &x.narrow(0, start, chunk.min(b - start))?, stride))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        return Tensor::cat(&parts, 0);
+    }
+    // Channels first, so the patch matrix's columns run over batch and pixels together.
+    let xp = x
+        .transpose(0, 1)?
+        .contiguous()?
+        .pad_with_zeros(2, 1, 1)?
+        .pad_with_zeros(3, 1, 1)?;
+    let mut taps = Vec::with_capacity(9);
+    for dy in 0..3 {
+        for dx in 0..3 {
+            let tap = if stride == 1 {
+                xp.narrow(2, dy, oh)?.narrow(3, dx, ow)?
+            } else {
+                // Rows dy, dy + 2, …: split each padded axis into (position, parity).
+                xp.reshape((c_in, b, (h + 2) / 2, 2, (w + 2) / 2, 2))?
+                    .narrow(2, dy / 2, oh)?
+                    .narrow(3, dy % 2, 1)?
+                    .narrow(4, dx / 2, ow)?
+                    .narrow(5, dx % 2, 1)?
+                    .squeeze(5)?
+                    .squeeze(3)?
+            };
+            // Copied one view at a time: a view with rows of `ow` contiguous values copies by
+            // blocks, while stacking the views directly would copy value by value.
+            taps.push(tap.contiguous()?);
+        }
+    }
+    let patches = Tensor::stack(&taps, 1)?.reshape((c_in * 9, b * oh * ow))?;
+    let out = weight
+        .reshape((c_out, c_in * 9))?
+        .matmul(&patches)?
+        .reshape((c_out, b, oh, ow))?;
+    let out = match conv.bias() {
+        Some(bias) => out.broadcast_add(&bias.reshape((c_out, 1, 1, 1))?)?,
+        None => out,
+    };
+    out.transpose(0, 1)?.contiguous()
 }
 
 /// Standard normal noise for one candidate, `3 · r · r` values, from its seed.
@@ -394,6 +465,46 @@ pub(crate) mod tests {
     use candle_nn::VarMap;
     use std::sync::Arc;
 
+    #[test]
+    fn conv3x3_matches_candles_convolution() {
+        let dev = Device::Cpu;
+        for (c_in, c_out, stride, res) in [
+            (6, 16, 1, 32),
+            (16, 32, 2, 32),
+            (48, 16, 1, 8),
+            (5, 3, 2, 6),
+        ] {
+            let vm = VarMap::new();
+            let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+            let cfg = Conv2dConfig {
+                padding: 1,
+                stride,
+                ..Default::default()
+            };
+            let conv = conv2d(c_in, c_out, 3, cfg, vb.pp("c")).unwrap();
+            crate::train::seeded_init(&vm, 5).unwrap();
+            let noise = seeded_noise(9, 2 * c_in * res * res);
+            let x = Tensor::from_vec(noise, (2, c_in, res, res), &dev).unwrap();
+            let want = conv.forward(&x).unwrap();
+            let got = conv3x3(&conv, &x, stride).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let diff = (got - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                diff < 1e-4,
+                "{c_in}->{c_out} stride {stride}: max difference {diff}"
+            );
+        }
+    }
+
     pub fn tiny_config() -> GeneratorConfig {
         GeneratorConfig {
             channels: 4,
@@ -431,6 +542,8 @@ pub(crate) mod tests {
             reference_embedding: Arc::from(emb),
             preference: Some(Arc::from(pref)),
             seeds,
+            reference_text: None,
+            prompt_hints: Vec::new(),
         }
     }
 

@@ -5,8 +5,11 @@
 //! token that long samplers check between steps. Two baselines ship beside the traits:
 //! [`Passthrough`] (publish the reference: the no-personalization row of the evaluation) and
 //! [`CosineRanker`] (score by embedding cosines: the feature-consistency baseline). [`TextEncoder`]
-//! embeds items by their text with all-MiniLM-L6-v2 ([`minilm`]). Deterministic
-//! test implementations live in [`testutil`] behind the `test-util` feature.
+//! embeds items by their text with all-MiniLM-L6-v2 ([`minilm`]). Generators: the EmojiStyle
+//! diffusion model the project trains ([`diffusion`]) and Stable Diffusion through
+//! candle-transformers with weights in the diffusers layout ([`sd`]), which reads the preference
+//! as a prompt built from the texts of the weighted history. Deterministic test implementations
+//! live in [`testutil`] behind the `test-util` feature.
 
 use std::io::Cursor;
 use std::sync::Arc;
@@ -19,6 +22,7 @@ pub mod diffusion;
 pub mod emoji;
 pub mod minilm;
 pub mod ranker;
+pub mod sd;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -126,6 +130,12 @@ pub struct GenerationRequest {
     pub preference: Option<Arc<[f32]>>,
     /// One seed per candidate.
     pub seeds: Vec<u64>,
+    /// The reference item's text, when known (prompt-conditioned generators name it).
+    pub reference_text: Option<Arc<str>>,
+    /// The texts of the history items behind the preference, with their weights: how a
+    /// prompt-conditioned generator ([`sd`]) hears the preference. Empty where the texts are not
+    /// known.
+    pub prompt_hints: Vec<(String, f32)>,
 }
 
 /// One generated image, with its embedding when the generator knows it.
@@ -410,6 +420,8 @@ mod tests {
             reference_embedding: vec![1.0, 0.0].into(),
             preference: pref.map(Into::into),
             seeds,
+            reference_text: None,
+            prompt_hints: Vec::new(),
         }
     }
 

@@ -255,6 +255,8 @@ mod tests {
             reference_embedding: vec![9.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0].into(),
             preference: Some(vec![0.5; 8].into()),
             seeds: vec![1, 2],
+            reference_text: None,
+            prompt_hints: Vec::new(),
         };
         let cands = vec![
             Candidate {

@@ -509,6 +509,8 @@ mod tests {
             reference_embedding: std::sync::Arc::from(vec![0.1; dim]),
             preference: Some(std::sync::Arc::from(twitter_style)),
             seeds: vec![4, 5],
+            reference_text: None,
+            prompt_hints: Vec::new(),
         };
         let cancel = tokio_util::sync::CancellationToken::new();
         let a = g.generate(std::slice::from_ref(&request), &cancel).unwrap();
