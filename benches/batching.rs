@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Exp};
 use tokio::sync::mpsc;
@@ -21,36 +21,16 @@ use tokio_util::sync::CancellationToken;
 
 use ragar::generate::next_batch;
 use ragar::model::diffusion::StyleDiffusion;
-use ragar::model::{GenerationRequest, Generator, Image};
+use ragar::model::{GenerationRequest, Generator};
+
+mod common;
+use common::requests;
 
 /// The allocator the `ragar` binary uses.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const BATCH_DELAY: Duration = Duration::from_millis(5);
-
-fn requests(n: usize, dim: usize, res: u32) -> Vec<GenerationRequest> {
-    let mut rng = ChaCha8Rng::seed_from_u64(3);
-    let unit = |rng: &mut ChaCha8Rng| -> Arc<[f32]> {
-        let v: Vec<f32> = (0..dim).map(|_| rng.random_range(-1.0..1.0)).collect();
-        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-        v.iter().map(|x| x / n).collect()
-    };
-    (0..n)
-        .map(|i| GenerationRequest {
-            reference: Arc::new(Image {
-                width: res,
-                height: res,
-                rgb: (0..3 * res * res).map(|_| rng.random()).collect(),
-            }),
-            reference_embedding: unit(&mut rng),
-            preference: Some(unit(&mut rng)),
-            seeds: vec![i as u64],
-            reference_text: None,
-            prompt_hints: Vec::new(),
-        })
-        .collect()
-}
 
 struct Run {
     images_per_s: f64,
@@ -117,7 +97,7 @@ fn main() {
     let n: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(400);
     let generator = Arc::new(StyleDiffusion::load(&dir, None).expect("generator bundle"));
     let cfg = generator.config().clone();
-    let reqs = requests(n, cfg.embedding_dim, cfg.resolution);
+    let reqs = requests(n, cfg.embedding_dim, cfg.resolution, 3);
     let cancel = CancellationToken::new();
 
     // Capacity at batch 1, back to back: the unit of offered load.

@@ -442,19 +442,7 @@ impl Generator for StyleDiffusion {
                 .sample(&reference, &style, noise, self.steps, Some(cancel))?;
             images.extend(tensor_to_images(&out)?);
         }
-        let mut images = images.into_iter();
-        Ok(batch
-            .iter()
-            .map(|req| {
-                req.seeds
-                    .iter()
-                    .map(|_| Candidate {
-                        image: images.next().expect("one image per seed"),
-                        embedding: None,
-                    })
-                    .collect()
-            })
-            .collect())
+        Ok(super::per_request(batch, images))
     }
 }
 

@@ -145,6 +145,23 @@ pub struct Candidate {
     pub embedding: Option<Vec<f32>>,
 }
 
+/// Splits images rendered one per (request, seed), in order, into each request's candidates.
+pub fn per_request(batch: &[GenerationRequest], images: Vec<Image>) -> Vec<Vec<Candidate>> {
+    let mut images = images.into_iter();
+    batch
+        .iter()
+        .map(|req| {
+            req.seeds
+                .iter()
+                .map(|_| Candidate {
+                    image: images.next().expect("one image per seed"),
+                    embedding: None,
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// Renders a reference to a user's preference. Same request and seeds give the same images.
 pub trait Generator: Send + Sync {
     fn version(&self) -> &str;

@@ -1550,19 +1550,7 @@ impl Generator for SdGenerator {
             let out = self.sample(&x0, &rows_cond, noise, cancel)?;
             images.extend(tensor_to_images(&out)?);
         }
-        let mut images = images.into_iter();
-        Ok(batch
-            .iter()
-            .map(|r| {
-                r.seeds
-                    .iter()
-                    .map(|_| Candidate {
-                        image: images.next().expect("one image per seed"),
-                        embedding: None,
-                    })
-                    .collect()
-            })
-            .collect())
+        Ok(super::per_request(batch, images))
     }
 }
 
