@@ -42,6 +42,10 @@ pub struct DisplayJob {
     pub source: &'static str,
     pub seed: u64,
     pub seeds: Vec<u64>,
+    /// The reference's text and the used history items' texts with their weights, resolved
+    /// only for generators that want them ([`Generator::wants_texts`]).
+    pub reference_text: Option<Arc<str>>,
+    pub prompt_hints: Vec<(String, f32)>,
     /// Filled in stage by stage.
     pub latency: LatencyOut,
 }
@@ -119,10 +123,8 @@ impl GenerateStage {
                 reference_embedding: j.reference_embedding.clone(),
                 preference: j.preference.clone(),
                 seeds: j.seeds.clone(),
-                // The history stage resolves embeddings, not item texts: prompt-conditioned
-                // generators get the bare prompt here.
-                reference_text: None,
-                prompt_hints: Vec::new(),
+                reference_text: j.reference_text.clone(),
+                prompt_hints: j.prompt_hints.clone(),
             })
             .collect();
         let (generator, ranker, cancel) = (

@@ -238,6 +238,7 @@ pub async fn run(
         publisher: publisher.clone(),
         acks: acks.clone(),
         encoder: models.encoder.clone(),
+        texts: models.generator.wants_texts(),
         limits: cfg.decode_limits(),
         params: params.clone(),
         default_candidates: cfg.generate.candidates,

@@ -36,6 +36,8 @@ pub struct HistoryStage {
     pub publisher: Publisher,
     pub acks: Arc<Acks>,
     pub encoder: Option<Arc<dyn ItemEncoder>>,
+    /// Resolve the reference's and the used history items' texts for the generator's prompt.
+    pub texts: bool,
     pub limits: Limits,
     pub params: Params,
     pub default_candidates: u32,
@@ -501,6 +503,18 @@ impl HistoryStage {
                 }
             })
             .collect();
+        let mut prompt_hints = Vec::new();
+        if self.texts {
+            for w in &weighted {
+                let h = &history[w.index];
+                match self.lookup_item(&h.item_id, items).await {
+                    Ok(Some(Item { text: Some(text), .. })) => prompt_hints.push((text, w.weight)),
+                    // An item without a text (or gone) only leaves its hint out of the prompt.
+                    Ok(_) | Err(Failure::Permanent(_)) => {}
+                    Err(Failure::Aborted) => return Err((msg, Failure::Aborted)),
+                }
+            }
+        }
         let seed = ev
             .seed
             .unwrap_or_else(|| event::derive_seed(&ev.request_id, self.seed));
@@ -517,6 +531,12 @@ impl HistoryStage {
             source: source.as_str(),
             seed,
             seeds,
+            reference_text: if self.texts {
+                reference.text.as_deref().map(Arc::from)
+            } else {
+                None
+            },
+            prompt_hints,
             latency: LatencyOut {
                 history: history_s * 1e3,
                 preference: pref_s * 1e3,

@@ -165,6 +165,13 @@ pub fn per_request(batch: &[GenerationRequest], images: Vec<Image>) -> Vec<Vec<C
 /// Renders a reference to a user's preference. Same request and seeds give the same images.
 pub trait Generator: Send + Sync {
     fn version(&self) -> &str;
+    /// Whether requests should carry [`GenerationRequest::reference_text`] and
+    /// [`GenerationRequest::prompt_hints`]: a prompt-conditioned generator hears the preference
+    /// through them. Resolving them costs an item lookup per history item used, so generators
+    /// that condition on vectors alone leave this off.
+    fn wants_texts(&self) -> bool {
+        false
+    }
     /// One result per request, each with one candidate per seed.
     fn generate(
         &self,

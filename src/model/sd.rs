@@ -1504,6 +1504,10 @@ impl Generator for SdGenerator {
         &self.version
     }
 
+    fn wants_texts(&self) -> bool {
+        true
+    }
+
     fn generate(
         &self,
         batch: &[GenerationRequest],

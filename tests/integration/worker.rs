@@ -106,6 +106,84 @@ async fn interactions_then_displays_give_one_valid_output_per_display() {
     assert_eq!(lance_count(&cfg).await, s.interactions);
 }
 
+/// The tint generator, asking for texts and keeping every request's texts.
+struct PromptRecorder {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(Option<String>, Vec<(String, f32)>)>>>,
+}
+
+impl ragar::model::Generator for PromptRecorder {
+    fn version(&self) -> &str {
+        "test-prompt-recorder"
+    }
+
+    fn wants_texts(&self) -> bool {
+        true
+    }
+
+    fn generate(
+        &self,
+        batch: &[ragar::model::GenerationRequest],
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<Vec<Vec<ragar::model::Candidate>>, ragar::model::ModelError> {
+        let mut seen = self.seen.lock().unwrap();
+        for r in batch {
+            seen.push((r.reference_text.as_deref().map(str::to_string), r.prompt_hints.clone()));
+        }
+        ragar::model::testutil::TintGenerator.generate(batch, cancel)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_conditioned_generator_gets_the_reference_and_history_texts() {
+    use rand::SeedableRng;
+    let broker = broker();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(broker.bootstrap_servers(), dir.path(), "texts", &shared_redis_url());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut models = test_models();
+    models.generator = std::sync::Arc::new(PromptRecorder { seen: seen.clone() });
+    let worker = RunningWorker::start(cfg.clone(), models);
+    let p = producer(broker.bootstrap_servers());
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let items: Vec<(String, Value)> = ["a", "b", "c"]
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (id.to_string(), item_event(id, &embedding(&mut rng), i as u8)))
+        .collect();
+    produce_items(&p, &cfg, &items).await;
+    // Interactions without embeddings: the worker resolves them from the items.
+    send_json(&p, EVENTS, "u1", &interaction_event("ev-1", "u1", "a", 1_000, None)).await;
+    send_json(&p, EVENTS, "u1", &interaction_event("ev-2", "u1", "b", 2_000, None)).await;
+    send_json(&p, EVENTS, "u1", &display_event("d-1", "req-1", "u1", "c", 5)).await;
+
+    let out = reader(broker.bootstrap_servers(), IMAGES);
+    let reads = read_until(&out, WAIT, |r| !r.is_empty()).await;
+    worker.stop();
+    let output = reads[0].json();
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 1, "one request: {seen:?}");
+    let (reference, hints) = &seen[0];
+    assert_eq!(reference.as_deref(), Some("item c"));
+    // One hint per history item used, with the weight the output reports for it.
+    let used: HashMap<String, f64> = output["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                format!("item {}", h["item_id"].as_str().unwrap()),
+                h["weight"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(used.len(), 2, "{output}");
+    assert_eq!(hints.len(), used.len(), "{hints:?}");
+    for (text, weight) in hints {
+        let expected = used.get(text).unwrap_or_else(|| panic!("hint {text} not used: {used:?}"));
+        assert!((*weight as f64 - expected).abs() < 1e-6, "{text}: {weight} vs {expected}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replayed_stream_adds_no_duplicate_history_or_output() {
     let broker = broker();
