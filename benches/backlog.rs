@@ -1,7 +1,7 @@
 //! Memory under a backlog: EVENTS events wait in Kafka while the generator cannot keep up. The
-//! worker pauses its partitions once `kafka.max_in_flight` messages are unfinished (and keeps
-//! polling, so it stays in its group), so its memory is bounded by that setting and not by the
-//! backlog. This bench measures the worker's peak RSS while it works on the backlog.
+//! worker stops reading at `kafka.max_in_flight` unfinished messages (and pauses its partitions,
+//! polling on, when that lasts `kafka.pause_after`), so its memory is bounded by that setting and
+//! not by the backlog. This bench measures the worker's peak RSS while it works on the backlog.
 //!
 //! `cargo bench --profile dev --features test-util --bench backlog -- [EVENTS] [SECONDS]`
 //! (defaults 1000000, 60). The broker (`ragar broker`) and the producer (`ragar produce`) run as

@@ -3,6 +3,7 @@
 //!
 //! `cargo bench --profile dev --bench ingest -- [EVENTS] [USERS]` (defaults 100000, 1000). Needs
 //! Redis on 127.0.0.1:6379 (or `RAGAR_BENCH_REDIS_URL`). Prints figures; asserts nothing.
+//! `RAGAR_BENCH_PERF=FILE` records the timed span with `perf record -g` into FILE.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -82,6 +83,17 @@ async fn run(n: usize, users: usize) {
         "decode only (1 thread): {:.0} events/s",
         n as f64 / decode_s
     );
+    // The same, keeping every result alive (as the pipeline does until the events are durable).
+    let t = Instant::now();
+    let kept: Vec<_> = payloads
+        .iter()
+        .map(|(_, p)| ragar::event::decode(p, 0, &limits).unwrap())
+        .collect();
+    println!(
+        "decode only, results kept (1 thread): {:.0} events/s",
+        n as f64 / t.elapsed().as_secs_f64()
+    );
+    drop(kept);
     // For comparison: serde converting the embedding itself (what decode avoids).
     #[derive(serde::Deserialize)]
     struct SerdeFloats {
@@ -208,10 +220,40 @@ async fn run(n: usize, users: usize) {
     }
     let t = Instant::now();
     let start_count = done();
+    // RAGAR_BENCH_PERF=FILE: profile the process with `perf record` over the timed span alone.
+    let perf = std::env::var("RAGAR_BENCH_PERF").ok().map(|out| {
+        std::process::Command::new("perf")
+            .args(["record", "-F", "1999", "-g", "-o", &out, "-p"])
+            .arg(std::process::id().to_string())
+            .spawn()
+            .expect("perf runs")
+    });
+    let (threads_before, redis_before, written_before) = (thread_cpu(), redis_cpu(&cfg.redis.url), bytes_written());
+    // Sampled every 20 ms: how often backpressure had the partitions paused, and work in flight.
+    let gauge = |name: &str| {
+        handle
+            .render()
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let (mut samples, mut paused, mut in_flight) = (0usize, 0usize, 0.0);
     while done() < n {
         tokio::time::sleep(Duration::from_millis(20)).await;
+        samples += 1;
+        paused += (gauge("ragar_consumer_paused ") > 0.0) as usize;
+        in_flight += gauge("ragar_in_flight_messages ");
     }
-    let worker_rate = (n - start_count) as f64 / t.elapsed().as_secs_f64();
+    let elapsed = t.elapsed().as_secs_f64();
+    if let Some(mut perf) = perf {
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &perf.id().to_string()])
+            .status();
+        let _ = perf.wait();
+    }
+    let (threads_after, redis_after, written_after) = (thread_cpu(), redis_cpu(&cfg.redis.url), bytes_written());
+    let worker_rate = (n - start_count) as f64 / elapsed;
     let _ = stop_tx.send(());
     worker.await.unwrap();
     let store = ragar::history::lance::LanceStore::open(&cfg.lance.uri, DIM)
@@ -239,7 +281,87 @@ async fn run(n: usize, users: usize) {
             1e3 * sum / count.max(1.0)
         );
     }
+    println!(
+        "  partitions paused {:.0}% of the time; mean in flight {:.0} messages (kafka.max_in_flight {})",
+        100.0 * paused as f64 / samples.max(1) as f64,
+        in_flight / samples.max(1) as f64,
+        cfg.kafka.max_in_flight
+    );
+    // CPU per event by thread group (this process) and in redis-server, over the timed span.
+    let events = (n - start_count) as f64;
+    let mut groups: Vec<(String, f64)> = threads_after
+        .iter()
+        .map(|(name, after)| (name.clone(), after - threads_before.get(name).copied().unwrap_or(0.0)))
+        .filter(|(_, s)| *s > 0.0)
+        .collect();
+    groups.push(("redis-server".into(), redis_after - redis_before));
+    groups.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let total: f64 = groups.iter().map(|g| g.1).sum();
+    println!(
+        "  CPU over {elapsed:.2} s: {:.2} cores busy, {:.1} µs per event",
+        total / elapsed,
+        1e6 * total / events
+    );
+    for (name, secs) in &groups {
+        println!("    {name:<22} {:>6.1} µs/event", 1e6 * secs / events);
+    }
+    println!(
+        "  written to files and sockets: {:.0} bytes/event",
+        (written_after - written_before) as f64 / events
+    );
     println!("ratio raw consume / worker: {:.2}", raw_rate / worker_rate);
     println!("LanceDB rows: {rows} (expected {n}); user0 window: {window} entries");
     assert_eq!(rows, n, "every event stored once");
+}
+
+/// CPU seconds (user + system) of this process's live threads, summed by name with digits removed
+/// (`tokio-runtime-w`, `rdk:broker`, ...). The mock cluster's threads are among them.
+fn thread_cpu() -> std::collections::HashMap<String, f64> {
+    let tick = 100.0; // USER_HZ on Linux
+    let mut out = std::collections::HashMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name: String = stat[open + 1..close]
+            .chars()
+            .filter(|c| !c.is_ascii_digit())
+            .collect();
+        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+        // After the name: state is field 3 of stat(5), utime 14 and stime 15.
+        let cpu = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
+            + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+        *out.entry(name).or_insert(0.0) += cpu / tick;
+    }
+    out
+}
+
+/// redis-server's CPU seconds so far (`INFO cpu`: used_cpu_user + used_cpu_sys).
+fn redis_cpu(url: &str) -> f64 {
+    let Ok(mut c) = redis::Client::open(url).and_then(|c| c.get_connection()) else {
+        return 0.0;
+    };
+    let info: String = redis::cmd("INFO").arg("cpu").query(&mut c).unwrap_or_default();
+    info.lines()
+        .filter(|l| l.starts_with("used_cpu_user:") || l.starts_with("used_cpu_sys:"))
+        .filter_map(|l| l.split(':').nth(1)?.trim().parse::<f64>().ok())
+        .sum()
+}
+
+/// Bytes this process has handed to write(2) and friends so far (`wchar` of /proc/self/io).
+fn bytes_written() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .ok()
+        .and_then(|io| {
+            io.lines()
+                .find_map(|l| l.strip_prefix("wchar:").map(|v| v.trim().parse().ok()))
+                .flatten()
+        })
+        .unwrap_or(0)
 }

@@ -77,8 +77,12 @@ pub struct KafkaConfig {
     /// How often stored offsets are committed.
     #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
-    /// Messages consumed but not yet completed; above this the consumer pauses its partitions.
+    /// Messages consumed but not yet completed; at this the consumer stops reading.
     pub max_in_flight: usize,
+    /// How long the consumer may hold off reading at `max_in_flight` before it pauses its
+    /// partitions (pausing drops librdkafka's prefetched messages, to be fetched again on resume).
+    #[serde(with = "humantime_serde")]
+    pub pause_after: Duration,
     /// How long a revoked partition's in-flight work may take to finish before its offsets are committed.
     #[serde(with = "humantime_serde")]
     pub rebalance_drain: Duration,
@@ -125,6 +129,7 @@ impl Default for KafkaConfig {
             session_timeout: Duration::from_secs(10),
             commit_interval: Duration::from_secs(1),
             max_in_flight: 20_000,
+            pause_after: Duration::from_secs(1),
             rebalance_drain: Duration::from_secs(10),
             options: BTreeMap::new(),
             exactly_once: false,
@@ -554,6 +559,10 @@ impl Config {
         }
         if k.max_in_flight == 0 {
             return Err(invalid("kafka.max_in_flight", "must be at least 1"));
+        }
+        // The consumer does not poll while it holds off, so a rebalance waits for it.
+        if k.pause_after > Duration::from_secs(60) {
+            return Err(invalid("kafka.pause_after", "must be at most 60s: rebalances wait for it"));
         }
         if k.exactly_once {
             if k.transaction_timeout < Duration::from_secs(1) {

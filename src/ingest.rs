@@ -7,9 +7,9 @@
 //! and on shutdown.
 //! On partition revoke the callback waits (up to `kafka.rebalance_drain`) for the revoked
 //! partitions' work to finish, stores their watermarks and commits synchronously; on shutdown the
-//! worker does the same for everything. When more than `kafka.max_in_flight` messages are in
-//! flight the consumer pauses its partitions and keeps polling, so it stays in its group without
-//! buffering; it resumes at half that.
+//! worker does the same for everything. At `kafka.max_in_flight` messages in flight the consumer
+//! stops reading; if that lasts `kafka.pause_after`, it pauses its partitions and keeps polling,
+//! so it stays in its group without buffering, and resumes at half the limit.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -189,6 +189,7 @@ pub struct Ingest {
     acks: Arc<Acks>,
     paused: Arc<AtomicBool>,
     max_in_flight: usize,
+    pause_after: Duration,
     commit_interval: Duration,
     txn_wait: Duration,
 }
@@ -237,6 +238,7 @@ impl Ingest {
             acks,
             paused,
             max_in_flight: cfg.max_in_flight,
+            pause_after: cfg.pause_after,
             commit_interval: cfg.commit_interval,
             txn_wait: cfg.transaction_timeout / 2,
         })
@@ -258,6 +260,8 @@ impl Ingest {
         commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut committing: Option<tokio::task::JoinHandle<Result<(), CommitError>>> = None;
         let exactly_once = self.consumer.context().txn.is_some();
+        // When the in-flight limit was reached with the partitions still flowing.
+        let mut held_since: Option<Instant> = None;
         loop {
             if let Some(e) = self.take_failure() {
                 return Err(e);
@@ -265,10 +269,13 @@ impl Ingest {
             if !exactly_once {
                 self.store_advanced();
             }
-            self.apply_backpressure();
+            let holding = self.apply_backpressure(&mut held_since);
+            // While holding, wake when the hold has lasted long enough to pause instead.
+            let hold_deadline = held_since.map(|t| tokio::time::Instant::from_std(t + self.pause_after));
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => return Ok(()),
+                _ = async { tokio::time::sleep_until(hold_deadline.expect("guarded")).await }, if hold_deadline.is_some() => {}
                 done = async { committing.as_mut().expect("guarded").await }, if committing.is_some() => {
                     committing = None;
                     match done {
@@ -282,7 +289,7 @@ impl Ingest {
                 }
                 _ = self.acks.notify.notified() => {}
                 _ = tick.tick() => health.beat(),
-                msg = self.consumer.recv() => match msg {
+                msg = self.consumer.recv(), if !holding => match msg {
                     Ok(m) => {
                         let consumed = self.own(&m);
                         if out.send(consumed).await.is_err() {
@@ -357,21 +364,39 @@ impl Ingest {
         }
     }
 
-    fn apply_backpressure(&self) {
+    /// Keeps work in flight under `kafka.max_in_flight`; returns whether to hold off reading.
+    ///
+    /// At the limit the loop first stops taking messages (librdkafka keeps what it prefetched,
+    /// bounded by `queued.max.messages.kbytes`), which rides out a slow write or a burst without
+    /// refetching anything. Past `kafka.pause_after` at the limit, the partitions are paused so
+    /// that the loop can go on polling (rebalances, group membership) for as long as the
+    /// pipeline stays behind; they resume at half the limit.
+    fn apply_backpressure(&self, held_since: &mut Option<Instant>) -> bool {
         let in_flight = self.acks.in_flight();
         metrics::gauge!(names::IN_FLIGHT).set(in_flight as f64);
         let paused = self.paused.load(Ordering::SeqCst);
-        let change = if !paused && in_flight >= self.max_in_flight {
-            Some(true)
-        } else if paused && in_flight <= self.max_in_flight / 2 {
-            Some(false)
+        let pause = if paused {
+            if in_flight > self.max_in_flight / 2 {
+                return false;
+            }
+            false
+        } else if in_flight < self.max_in_flight {
+            *held_since = None;
+            return false;
         } else {
-            None
+            let since = *held_since.get_or_insert_with(Instant::now);
+            if since.elapsed() < self.pause_after {
+                return true;
+            }
+            true
         };
-        let Some(pause) = change else { return };
+        *held_since = None;
         let assignment = match self.consumer.assignment() {
             Ok(a) => a,
-            Err(e) => return tracing::warn!(error = %e, "reading assignment"),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading assignment");
+                return false;
+            }
         };
         let result = if pause {
             self.consumer.pause(&assignment)
@@ -386,10 +411,16 @@ impl Ingest {
             }
             Err(e) => tracing::warn!(error = %e, pause, "pausing/resuming partitions"),
         }
+        false
     }
 
     pub fn in_flight(&self) -> usize {
         self.acks.in_flight()
+    }
+
+    /// Whether backpressure has the partitions paused right now.
+    pub fn paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
     }
 
     /// Stores every watermark and commits synchronously (shutdown); in exactly-once mode commits
