@@ -228,22 +228,16 @@ async fn run(n: usize, users: usize) {
             .spawn()
             .expect("perf runs")
     });
-    let (threads_before, redis_before, written_before) = (thread_cpu(), redis_cpu(&cfg.redis.url), bytes_written());
+    let (threads_before, redis_before, written_before) =
+        (thread_cpu(), redis_cpu(&cfg.redis.url), bytes_written());
     // Sampled every 20 ms: how often backpressure had the partitions paused, and work in flight.
-    let gauge = |name: &str| {
-        handle
-            .render()
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
     let (mut samples, mut paused, mut in_flight) = (0usize, 0usize, 0.0);
     while done() < n {
         tokio::time::sleep(Duration::from_millis(20)).await;
+        let page = handle.render();
         samples += 1;
-        paused += (gauge("ragar_consumer_paused ") > 0.0) as usize;
-        in_flight += gauge("ragar_in_flight_messages ");
+        paused += (value(&page, "ragar_consumer_paused ") > 0.0) as usize;
+        in_flight += value(&page, "ragar_in_flight_messages ");
     }
     let elapsed = t.elapsed().as_secs_f64();
     if let Some(mut perf) = perf {
@@ -252,7 +246,8 @@ async fn run(n: usize, users: usize) {
             .status();
         let _ = perf.wait();
     }
-    let (threads_after, redis_after, written_after) = (thread_cpu(), redis_cpu(&cfg.redis.url), bytes_written());
+    let (threads_after, redis_after, written_after) =
+        (thread_cpu(), redis_cpu(&cfg.redis.url), bytes_written());
     let worker_rate = (n - start_count) as f64 / elapsed;
     let _ = stop_tx.send(());
     worker.await.unwrap();
@@ -266,14 +261,10 @@ async fn run(n: usize, users: usize) {
     let page = handle.render();
     for stage in ["decode", "history_cache", "history_write"] {
         let pick = |suffix: &str| {
-            page.lines()
-                .find(|l| {
-                    l.starts_with(&format!(
-                        "ragar_stage_seconds_{suffix}{{stage=\"{stage}\"}}"
-                    ))
-                })
-                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .unwrap_or(0.0)
+            value(
+                &page,
+                &format!("ragar_stage_seconds_{suffix}{{stage=\"{stage}\"}}"),
+            )
         };
         let (sum, count) = (pick("sum"), pick("count"));
         println!(
@@ -291,7 +282,12 @@ async fn run(n: usize, users: usize) {
     let events = (n - start_count) as f64;
     let mut groups: Vec<(String, f64)> = threads_after
         .iter()
-        .map(|(name, after)| (name.clone(), after - threads_before.get(name).copied().unwrap_or(0.0)))
+        .map(|(name, after)| {
+            (
+                name.clone(),
+                after - threads_before.get(name).copied().unwrap_or(0.0),
+            )
+        })
         .filter(|(_, s)| *s > 0.0)
         .collect();
     groups.push(("redis-server".into(), redis_after - redis_before));
@@ -312,6 +308,14 @@ async fn run(n: usize, users: usize) {
     println!("ratio raw consume / worker: {:.2}", raw_rate / worker_rate);
     println!("LanceDB rows: {rows} (expected {n}); user0 window: {window} entries");
     assert_eq!(rows, n, "every event stored once");
+}
+
+/// The value of the first sample in a Prometheus text page whose line starts with `prefix`; 0 if none.
+fn value(page: &str, prefix: &str) -> f64 {
+    page.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0)
 }
 
 /// CPU seconds (user + system) of this process's live threads, summed by name with digits removed
@@ -335,8 +339,14 @@ fn thread_cpu() -> std::collections::HashMap<String, f64> {
             .collect();
         let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
         // After the name: state is field 3 of stat(5), utime 14 and stime 15.
-        let cpu = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
-            + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+        let cpu = fields
+            .get(11)
+            .and_then(|u| u.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            + fields
+                .get(12)
+                .and_then(|s| s.parse::<f64>().ok())
+                .unwrap_or(0.0);
         *out.entry(name).or_insert(0.0) += cpu / tick;
     }
     out
@@ -347,7 +357,10 @@ fn redis_cpu(url: &str) -> f64 {
     let Ok(mut c) = redis::Client::open(url).and_then(|c| c.get_connection()) else {
         return 0.0;
     };
-    let info: String = redis::cmd("INFO").arg("cpu").query(&mut c).unwrap_or_default();
+    let info: String = redis::cmd("INFO")
+        .arg("cpu")
+        .query(&mut c)
+        .unwrap_or_default();
     info.lines()
         .filter(|l| l.starts_with("used_cpu_user:") || l.starts_with("used_cpu_sys:"))
         .filter_map(|l| l.split(':').nth(1)?.trim().parse::<f64>().ok())

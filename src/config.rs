@@ -562,7 +562,10 @@ impl Config {
         }
         // The consumer does not poll while it holds off, so a rebalance waits for it.
         if k.pause_after > Duration::from_secs(60) {
-            return Err(invalid("kafka.pause_after", "must be at most 60s: rebalances wait for it"));
+            return Err(invalid(
+                "kafka.pause_after",
+                "must be at most 60s: rebalances wait for it",
+            ));
         }
         if k.exactly_once {
             if k.transaction_timeout < Duration::from_secs(1) {

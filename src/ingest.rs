@@ -271,7 +271,8 @@ impl Ingest {
             }
             let holding = self.apply_backpressure(&mut held_since);
             // While holding, wake when the hold has lasted long enough to pause instead.
-            let hold_deadline = held_since.map(|t| tokio::time::Instant::from_std(t + self.pause_after));
+            let hold_deadline =
+                held_since.map(|t| tokio::time::Instant::from_std(t + self.pause_after));
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => return Ok(()),
@@ -374,29 +375,30 @@ impl Ingest {
     fn apply_backpressure(&self, held_since: &mut Option<Instant>) -> bool {
         let in_flight = self.acks.in_flight();
         metrics::gauge!(names::IN_FLIGHT).set(in_flight as f64);
-        let paused = self.paused.load(Ordering::SeqCst);
-        let pause = if paused {
-            if in_flight > self.max_in_flight / 2 {
-                return false;
+        if self.paused.load(Ordering::SeqCst) {
+            if in_flight <= self.max_in_flight / 2 {
+                self.set_paused(false, in_flight);
             }
-            false
-        } else if in_flight < self.max_in_flight {
+            return false;
+        }
+        if in_flight < self.max_in_flight {
             *held_since = None;
             return false;
-        } else {
-            let since = *held_since.get_or_insert_with(Instant::now);
-            if since.elapsed() < self.pause_after {
-                return true;
-            }
-            true
-        };
+        }
+        let since = *held_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < self.pause_after {
+            return true;
+        }
         *held_since = None;
+        self.set_paused(true, in_flight);
+        false
+    }
+
+    /// Pauses or resumes every assigned partition.
+    fn set_paused(&self, pause: bool, in_flight: usize) {
         let assignment = match self.consumer.assignment() {
             Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(error = %e, "reading assignment");
-                return false;
-            }
+            Err(e) => return tracing::warn!(error = %e, "reading assignment"),
         };
         let result = if pause {
             self.consumer.pause(&assignment)
@@ -411,7 +413,6 @@ impl Ingest {
             }
             Err(e) => tracing::warn!(error = %e, pause, "pausing/resuming partitions"),
         }
-        false
     }
 
     pub fn in_flight(&self) -> usize {

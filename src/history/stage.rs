@@ -508,7 +508,9 @@ impl HistoryStage {
             for w in &weighted {
                 let h = &history[w.index];
                 match self.lookup_item(&h.item_id, items).await {
-                    Ok(Some(Item { text: Some(text), .. })) => prompt_hints.push((text, w.weight)),
+                    Ok(Some(Item {
+                        text: Some(text), ..
+                    })) => prompt_hints.push((text, w.weight)),
                     // An item without a text (or gone) only leaves its hint out of the prompt.
                     Ok(_) | Err(Failure::Permanent(_)) => {}
                     Err(Failure::Aborted) => return Err((msg, Failure::Aborted)),

@@ -27,7 +27,12 @@ async fn next(rx: &mut mpsc::Receiver<Consumed>) -> Consumed {
 async fn in_flight_work_is_capped_then_paused_then_resumed_without_loss() {
     let broker = broker();
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(broker.bootstrap_servers(), dir.path(), "backpressure", &shared_redis_url());
+    let mut cfg = config(
+        broker.bootstrap_servers(),
+        dir.path(),
+        "backpressure",
+        &shared_redis_url(),
+    );
     cfg.kafka.input_topics = vec![EVENTS.into()];
     cfg.kafka.max_in_flight = MAX_IN_FLIGHT;
     cfg.kafka.pause_after = Duration::from_secs(1);
@@ -69,7 +74,9 @@ async fn in_flight_work_is_capped_then_paused_then_resumed_without_loss() {
         }
         // Nothing beyond the limit arrives while it is full.
         assert!(
-            tokio::time::timeout(Duration::from_millis(200), rx.recv()).await.is_err(),
+            tokio::time::timeout(Duration::from_millis(200), rx.recv())
+                .await
+                .is_err(),
             "a message beyond kafka.max_in_flight"
         );
         for m in got.drain(..) {

@@ -127,7 +127,10 @@ impl ragar::model::Generator for PromptRecorder {
     ) -> Result<Vec<Vec<ragar::model::Candidate>>, ragar::model::ModelError> {
         let mut seen = self.seen.lock().unwrap();
         for r in batch {
-            seen.push((r.reference_text.as_deref().map(str::to_string), r.prompt_hints.clone()));
+            seen.push((
+                r.reference_text.as_deref().map(str::to_string),
+                r.prompt_hints.clone(),
+            ));
         }
         ragar::model::testutil::TintGenerator.generate(batch, cancel)
     }
@@ -138,7 +141,12 @@ async fn a_prompt_conditioned_generator_gets_the_reference_and_history_texts() {
     use rand::SeedableRng;
     let broker = broker();
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(broker.bootstrap_servers(), dir.path(), "texts", &shared_redis_url());
+    let cfg = config(
+        broker.bootstrap_servers(),
+        dir.path(),
+        "texts",
+        &shared_redis_url(),
+    );
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut models = test_models();
     models.generator = std::sync::Arc::new(PromptRecorder { seen: seen.clone() });
@@ -148,13 +156,36 @@ async fn a_prompt_conditioned_generator_gets_the_reference_and_history_texts() {
     let items: Vec<(String, Value)> = ["a", "b", "c"]
         .iter()
         .enumerate()
-        .map(|(i, id)| (id.to_string(), item_event(id, &embedding(&mut rng), i as u8)))
+        .map(|(i, id)| {
+            (
+                id.to_string(),
+                item_event(id, &embedding(&mut rng), i as u8),
+            )
+        })
         .collect();
     produce_items(&p, &cfg, &items).await;
     // Interactions without embeddings: the worker resolves them from the items.
-    send_json(&p, EVENTS, "u1", &interaction_event("ev-1", "u1", "a", 1_000, None)).await;
-    send_json(&p, EVENTS, "u1", &interaction_event("ev-2", "u1", "b", 2_000, None)).await;
-    send_json(&p, EVENTS, "u1", &display_event("d-1", "req-1", "u1", "c", 5)).await;
+    send_json(
+        &p,
+        EVENTS,
+        "u1",
+        &interaction_event("ev-1", "u1", "a", 1_000, None),
+    )
+    .await;
+    send_json(
+        &p,
+        EVENTS,
+        "u1",
+        &interaction_event("ev-2", "u1", "b", 2_000, None),
+    )
+    .await;
+    send_json(
+        &p,
+        EVENTS,
+        "u1",
+        &display_event("d-1", "req-1", "u1", "c", 5),
+    )
+    .await;
 
     let out = reader(broker.bootstrap_servers(), IMAGES);
     let reads = read_until(&out, WAIT, |r| !r.is_empty()).await;
@@ -179,8 +210,13 @@ async fn a_prompt_conditioned_generator_gets_the_reference_and_history_texts() {
     assert_eq!(used.len(), 2, "{output}");
     assert_eq!(hints.len(), used.len(), "{hints:?}");
     for (text, weight) in hints {
-        let expected = used.get(text).unwrap_or_else(|| panic!("hint {text} not used: {used:?}"));
-        assert!((*weight as f64 - expected).abs() < 1e-6, "{text}: {weight} vs {expected}");
+        let expected = used
+            .get(text)
+            .unwrap_or_else(|| panic!("hint {text} not used: {used:?}"));
+        assert!(
+            (*weight as f64 - expected).abs() < 1e-6,
+            "{text}: {weight} vs {expected}"
+        );
     }
 }
 
