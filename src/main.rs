@@ -194,10 +194,30 @@ enum BenchWhat {
         /// Timed repetitions of the 1-step run.
         #[arg(long, default_value_t = 10)]
         reps_one_step: usize,
-        /// candle's flash attention in the UNet: needs a build with candle-transformers'
-        /// `flash-attn` feature, which this one does not have (refused).
+        /// Time candle-transformers' UNet (f32 attention) instead of ragar's.
         #[arg(long)]
-        use_flash_attn: bool,
+        candle_transformers_unet: bool,
+        /// Keep f32 matrix products in full f32 on CUDA (TF32 is allowed by default, as the
+        /// anchor allows it).
+        #[arg(long)]
+        no_tf32: bool,
+    },
+    /// The operations SD1.5's UNet and VAE are made of, at their shapes (convolutions, the matrix
+    /// products behind them, group norms, attention, elementwise and layout operations): mean ms
+    /// per run and the rate achieved; deploy/gpu/ops_anchor.py times the same in PyTorch.
+    Ops {
+        /// Run on the CPU even where a GPU is available.
+        #[arg(long)]
+        cpu: bool,
+        /// Every side and channel count divided by 8 (a quick check of the code path).
+        #[arg(long)]
+        small: bool,
+        /// Images per request (the UNet's operations see twice as many: guidance).
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Timed runs of each operation (the mean is reported).
+        #[arg(long, default_value_t = 20)]
+        reps: usize,
     },
 }
 
@@ -822,7 +842,8 @@ fn main() -> anyhow::Result<()> {
                     batch,
                     reps,
                     reps_one_step,
-                    use_flash_attn,
+                    candle_transformers_unet,
+                    no_tf32,
                 },
         } => {
             let out = ragar::model::sd::bench(&ragar::model::sd::BenchOptions {
@@ -832,7 +853,25 @@ fn main() -> anyhow::Result<()> {
                 batches: batch,
                 reps,
                 reps_one_step,
-                use_flash_attn,
+                candle_transformers_unet,
+                tf32: !no_tf32,
+            })?;
+            println!("{out}");
+        }
+        Command::Bench {
+            what:
+                BenchWhat::Ops {
+                    cpu,
+                    small,
+                    batch,
+                    reps,
+                },
+        } => {
+            let out = ragar::model::opbench::bench_ops(&ragar::model::opbench::OpsOptions {
+                cpu,
+                small,
+                batch,
+                reps,
             })?;
             println!("{out}");
         }

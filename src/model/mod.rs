@@ -6,9 +6,9 @@
 //! [`Passthrough`] (publish the reference: the no-personalization row of the evaluation) and
 //! [`CosineRanker`] (score by embedding cosines: the feature-consistency baseline). [`TextEncoder`]
 //! embeds items by their text with all-MiniLM-L6-v2 ([`minilm`]). Generators: the EmojiStyle
-//! diffusion model the project trains ([`diffusion`]) and Stable Diffusion through
-//! candle-transformers with weights in the diffusers layout ([`sd`]), which reads the preference
-//! as a prompt built from the texts of the weighted history. Deterministic test implementations
+//! diffusion model the project trains ([`diffusion`]) and Stable Diffusion with weights in the
+//! diffusers layout ([`sd`], on ragar's UNet [`unet`] and candle-transformers' VAE and CLIP),
+//! which reads the preference as a prompt built from the texts of the weighted history. Deterministic test implementations
 //! live in [`testutil`] behind the `test-util` feature.
 
 use std::io::Cursor;
@@ -21,8 +21,10 @@ use crate::preference::cosine;
 pub mod diffusion;
 pub mod emoji;
 pub mod minilm;
+pub mod opbench;
 pub mod ranker;
 pub mod sd;
+pub mod unet;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

@@ -1,5 +1,6 @@
-//! Stable Diffusion (v1.5, v2.1, Turbo) as a [`Generator`], through candle-transformers' UNet,
-//! VAE and CLIP, with weights the user provides in the **diffusers layout**.
+//! Stable Diffusion (v1.5, v2.1, Turbo) as a [`Generator`]: ragar's UNet ([`super::unet`],
+//! attention in the model's dtype) with candle-transformers' VAE and CLIP, on weights the user
+//! provides in the **diffusers layout**.
 //!
 //! # Directory
 //!
@@ -63,7 +64,8 @@
 //! samples in well under a second on a CPU) through the real builders, so its tensor names are
 //! the ones the loader asks for; `ragar sd init-tiny` exposes it. [`bench`] times the SD1.5
 //! architecture with random weights exactly as `shared/tools/sd_unet_anchor.py` times diffusers
-//! (`ragar bench sd`).
+//! (`ragar bench sd`), with ragar's UNet or, for comparison, candle-transformers' one; on CUDA it
+//! lets f32 matrix products use TF32 ([`allow_tf32`]) as the anchor does.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -87,6 +89,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::diffusion::{seeded_noise, tensor_to_images};
 use super::emoji::{bundle_version, images_to_tensor};
+use super::unet::UNet;
 use super::{Candidate, GenerationRequest, Generator, Image, ModelError};
 
 pub const UNET_CONFIG: &str = "unet/config.json";
@@ -896,17 +899,12 @@ impl SdConfig {
 // ---------------------------------------------------------------------------------------------
 // Builders shared by the loader, the tiny writer and the benchmark.
 
-fn build_unet(
-    cfg: &SdConfig,
-    vb: VarBuilder,
-    use_flash_attn: bool,
-) -> Result<unet_2d::UNet2DConditionModel, ModelError> {
-    Ok(unet_2d::UNet2DConditionModel::new(
+fn build_unet(cfg: &SdConfig, vb: VarBuilder) -> Result<UNet, ModelError> {
+    Ok(UNet::new(
         vb,
         cfg.unet.in_channels,
         cfg.unet.out_channels,
-        use_flash_attn,
-        cfg.unet_config()?,
+        &cfg.unet_config()?,
     )?)
 }
 
@@ -964,10 +962,10 @@ impl TextModel {
 /// on the device). Biases are 0, `Init::Const` hints (norm gains) are honoured, every other tensor
 /// is uniform in ±1/√fan_in. Seeded values depend on the seed and the tensor's name only, so a
 /// tensor asked for twice is the same tensor.
-struct RandomWeights {
+pub(crate) struct RandomWeights {
     /// `None`: drawn on the device by candle (fast, unseeded).
-    seed: Option<u64>,
-    record: Option<Arc<Mutex<BTreeMap<String, Tensor>>>>,
+    pub(crate) seed: Option<u64>,
+    pub(crate) record: Option<Arc<Mutex<BTreeMap<String, Tensor>>>>,
 }
 
 /// FNV-1a: a name hash that stays the same across builds (std's hasher makes no such promise).
@@ -1230,6 +1228,14 @@ pub fn default_device() -> Result<Device, ModelError> {
     }
 }
 
+/// Lets cuBLAS run candle's f32 matrix products on tensor cores in TF32 (as PyTorch's
+/// `allow_tf32`). The UNet's attention in candle-transformers computes its scores in f32 even when
+/// the model is f16, so this is what puts that product on tensor cores. A process-wide setting of
+/// candle's; no effect on the CPU.
+pub fn allow_tf32(allow: bool) {
+    candle_core::cuda::set_gemm_reduced_precision_f32(allow);
+}
+
 /// f16 on CUDA, f32 elsewhere (candle's CPU kernels are f32 first).
 pub fn dtype_for(device: &Device) -> DType {
     if device.is_cuda() {
@@ -1324,7 +1330,7 @@ pub struct SdGenerator {
     dtype: DType,
     tokenizer: PromptTokenizer,
     text: TextModel,
-    unet: unet_2d::UNet2DConditionModel,
+    unet: UNet,
     vae: vae::AutoEncoderKL,
     scheduler: ddim::DDIMSchedulerConfig,
     /// The empty prompt's hidden states `[1, tokens, hidden]`, for guidance.
@@ -1375,6 +1381,9 @@ impl SdGenerator {
         let config = SdConfig::read(dir)?;
         options.check(config.scheduler.num_train_timesteps)?;
         let dtype = dtype_for(device);
+        if device.is_cuda() {
+            allow_tf32(true);
+        }
         let tokenizer = PromptTokenizer::load(dir, &config.text_encoder)?;
 
         let path = weights_file(dir, TEXT_WEIGHTS).expect("checked above");
@@ -1387,7 +1396,7 @@ impl SdGenerator {
         // SAFETY: as above.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&path], dtype, device) }
             .map_err(load_error(&path))?;
-        let unet = build_unet(&config, vb, false).map_err(in_file(&path))?;
+        let unet = build_unet(&config, vb).map_err(in_file(&path))?;
 
         let path = weights_file(dir, VAE_WEIGHTS).expect("checked above");
         let vae = load_vae(&config, &path, dtype, device)?;
@@ -1695,7 +1704,7 @@ pub fn write_tiny(dir: &Path, seed: u64) -> Result<(), ModelError> {
         };
         let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, Device::Cpu);
         match rel {
-            UNET_WEIGHTS => drop(build_unet(&cfg, vb, false)?),
+            UNET_WEIGHTS => drop(build_unet(&cfg, vb)?),
             VAE_WEIGHTS => drop(build_vae(&cfg, vb)?),
             _ => drop(TextModel::build(&cfg.text_encoder, vb)?),
         }
@@ -1726,9 +1735,10 @@ pub struct BenchOptions {
     /// Timed repetitions of the long run (minimum taken) and of the 1-step run.
     pub reps: usize,
     pub reps_one_step: usize,
-    /// candle's flash attention in the UNet; needs candle-transformers' `flash-attn` feature,
-    /// which this build does not enable, so `true` is refused.
-    pub use_flash_attn: bool,
+    /// Time candle-transformers' UNet instead of [`UNet`] (the comparison of the two).
+    pub candle_transformers_unet: bool,
+    /// f32 matrix products in TF32 on CUDA ([`allow_tf32`]), as the anchor allows.
+    pub tf32: bool,
 }
 
 impl Default for BenchOptions {
@@ -1740,9 +1750,83 @@ impl Default for BenchOptions {
             batches: vec![1, 4],
             reps: 3,
             reps_one_step: 10,
-            use_flash_attn: false,
+            candle_transformers_unet: false,
+            tf32: true,
         }
     }
+}
+
+/// The UNet that [`bench`] times.
+enum BenchUnet {
+    Ragar(UNet),
+    CandleTransformers(unet_2d::UNet2DConditionModel),
+}
+
+impl BenchUnet {
+    fn forward(&self, xs: &Tensor, t: f64, ctx: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            BenchUnet::Ragar(u) => u.forward(xs, t, ctx),
+            BenchUnet::CandleTransformers(u) => u.forward(xs, t, ctx),
+        }
+    }
+}
+
+/// How far ragar's UNet is from candle-transformers' on `device` in its dtype: both built from
+/// the same seeded random weights in the tiny configuration, one step on a seeded 64×64 latent
+/// (4096 tokens at the top level, as SD1.5's) against a seeded context. Returns
+/// `max |ours − theirs| / max |theirs|`; the timed runs use random weights, so this is what says
+/// that the timed UNet computes the same function.
+pub fn compare_unets(device: &Device) -> Result<f64, ModelError> {
+    let cfg = SdConfig::tiny();
+    let dtype = dtype_for(device);
+    let vb = || {
+        VarBuilder::from_backend(
+            Box::new(RandomWeights {
+                seed: Some(11),
+                record: None,
+            }),
+            dtype,
+            device.clone(),
+        )
+    };
+    let ours = build_unet(&cfg, vb())?;
+    let theirs = unet_2d::UNet2DConditionModel::new(
+        vb(),
+        cfg.unet.in_channels,
+        cfg.unet.out_channels,
+        false,
+        cfg.unet_config()?,
+    )?;
+    let side = 64;
+    let latent = cfg.unet.in_channels;
+    let xs = Tensor::from_vec(
+        seeded_noise(1, latent * side * side),
+        (1, latent, side, side),
+        device,
+    )?
+    .to_dtype(dtype)?;
+    let (tokens, hidden) = (
+        cfg.text_encoder.max_position_embeddings,
+        cfg.unet.cross_attention_dim,
+    );
+    let ctx = Tensor::from_vec(
+        seeded_noise(2, tokens * hidden),
+        (1, tokens, hidden),
+        device,
+    )?
+    .to_dtype(dtype)?;
+    let a = ours.forward(&xs, 500.0, &ctx)?.to_dtype(DType::F32)?;
+    let b = theirs.forward(&xs, 500.0, &ctx)?.to_dtype(DType::F32)?;
+    let max_abs = |t: &Tensor| -> Result<f32, ModelError> {
+        Ok(t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+    };
+    let scale = max_abs(&b)?;
+    if !(scale.is_finite() && scale > 0.0) {
+        return Err(ModelError::Other(format!(
+            "candle-transformers' UNet gave max |output| {scale}"
+        )));
+    }
+    Ok(f64::from(max_abs(&(a - b)?)? / scale))
 }
 
 /// Times denoising + decoding of the SD1.5 architecture (or the tiny one) with random weights,
@@ -1752,13 +1836,6 @@ impl Default for BenchOptions {
 /// the clock is read. f16 on CUDA, f32 on the CPU. Returns one JSON object: `candle_b{b}_{steps}
 /// steps_s` and `candle_b{b}_1step_s` in seconds, with the device, dtype and build time.
 pub fn bench(options: &BenchOptions) -> Result<serde_json::Value, ModelError> {
-    if options.use_flash_attn {
-        return Err(ModelError::Unsupported(
-            "flash attention needs candle-transformers' `flash-attn` feature (the \
-             candle-flash-attn crate), which this build does not have"
-                .into(),
-        ));
-    }
     if options.steps == 0 || options.reps == 0 || options.reps_one_step == 0 {
         return Err(ModelError::Unsupported(
             "steps and repetitions must be at least 1".into(),
@@ -1775,6 +1852,7 @@ pub fn bench(options: &BenchOptions) -> Result<serde_json::Value, ModelError> {
         default_device()?
     };
     let dtype = dtype_for(&device);
+    allow_tf32(options.tf32);
     let cfg = if options.tiny {
         SdConfig::tiny()
     } else {
@@ -1791,7 +1869,17 @@ pub fn bench(options: &BenchOptions) -> Result<serde_json::Value, ModelError> {
             device.clone(),
         )
     };
-    let unet = build_unet(&cfg, random(dtype), options.use_flash_attn)?;
+    let unet = if options.candle_transformers_unet {
+        BenchUnet::CandleTransformers(unet_2d::UNet2DConditionModel::new(
+            random(dtype),
+            cfg.unet.in_channels,
+            cfg.unet.out_channels,
+            false,
+            cfg.unet_config()?,
+        )?)
+    } else {
+        BenchUnet::Ragar(build_unet(&cfg, random(dtype))?)
+    };
     let vae = build_vae(&cfg, random(dtype))?;
     device.synchronize()?;
     let build_s = started.elapsed().as_secs_f64();
@@ -1843,8 +1931,22 @@ pub fn bench(options: &BenchOptions) -> Result<serde_json::Value, ModelError> {
         if device.is_cuda() { "cuda:0" } else { "cpu" }.into(),
     );
     out.insert("dtype".into(), format!("{dtype:?}").to_lowercase().into());
-    out.insert("use_flash_attn".into(), options.use_flash_attn.into());
+    out.insert(
+        "unet".into(),
+        if options.candle_transformers_unet {
+            "candle-transformers"
+        } else {
+            "ragar"
+        }
+        .into(),
+    );
+    out.insert("tf32".into(), options.tf32.into());
     out.insert("build_s".into(), build_s.into());
+    // The comparison runs first, so that an error in either UNet stops the run before timing.
+    out.insert(
+        "tiny_unet_rel_diff_vs_candle_transformers".into(),
+        compare_unets(&device)?.into(),
+    );
     for &b in &options.batches {
         let long = timed(b, options.steps, options.reps)?;
         out.insert(format!("candle_b{b}_{}steps_s", options.steps), long.into());
@@ -2230,7 +2332,8 @@ mod tests {
             batches: vec![1, 2],
             reps: 1,
             reps_one_step: 1,
-            use_flash_attn: false,
+            candle_transformers_unet: false,
+            tf32: true,
         })
         .unwrap();
         for key in [
@@ -2247,10 +2350,24 @@ mod tests {
         }
         assert_eq!(out["device"], "cpu");
         assert_eq!(out["dtype"], "f32");
-        assert!(bench(&BenchOptions {
-            use_flash_attn: true,
-            ..BenchOptions::default()
+        // Only the GELU differs (erf in ours, tanh in theirs).
+        let diff = out["tiny_unet_rel_diff_vs_candle_transformers"]
+            .as_f64()
+            .unwrap();
+        assert!(diff < 2e-3, "{diff}");
+        assert_eq!(out["unet"], "ragar");
+        let theirs = bench(&BenchOptions {
+            tiny: true,
+            cpu: true,
+            steps: 1,
+            batches: vec![1],
+            reps: 1,
+            reps_one_step: 1,
+            candle_transformers_unet: true,
+            tf32: true,
         })
-        .is_err());
+        .unwrap();
+        assert_eq!(theirs["unet"], "candle-transformers");
+        assert!(theirs["candle_b1_1step_s"].as_f64().unwrap() > 0.0);
     }
 }
