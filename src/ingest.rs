@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
@@ -29,6 +30,10 @@ use crate::config::KafkaConfig;
 use crate::offsets::{AckToken, Acks, TopicPartition};
 use crate::publish::{CommitError, Publisher};
 use crate::telemetry::{names, now_ms, Health};
+
+/// The most messages the consumer loop takes in one go without awaiting (those librdkafka has
+/// already fetched), between its checks of failures, offsets and the in-flight limit.
+const DRAIN_MAX: usize = 256;
 
 /// A consumed message, owned, with the token that completes it.
 #[derive(Debug, Clone)]
@@ -290,18 +295,43 @@ impl Ingest {
                 }
                 _ = self.acks.notify.notified() => {}
                 _ = tick.tick() => health.beat(),
-                msg = self.consumer.recv(), if !holding => match msg {
-                    Ok(m) => {
-                        let consumed = self.own(&m);
-                        if out.send(consumed).await.is_err() {
+                msg = self.consumer.recv(), if !holding => {
+                    if !self.forward(msg, &out).await {
+                        return Ok(());
+                    }
+                    // Take what librdkafka already holds, within the room left under the
+                    // in-flight limit, before the bookkeeping above runs again: it costs the
+                    // same for one message as for a run of them.
+                    let room = self.max_in_flight.saturating_sub(self.acks.in_flight());
+                    for _ in 0..room.min(DRAIN_MAX) {
+                        let Some(msg) = self.consumer.recv().now_or_never() else {
+                            break;
+                        };
+                        if !self.forward(msg, &out).await {
                             return Ok(());
                         }
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "consumer error");
-                        metrics::counter!(names::EVENTS, "type" => "unknown", "outcome" => "consumer_error").increment(1);
-                    }
-                },
+                }
+            }
+        }
+    }
+
+    /// Hands a consumed message downstream; `false` once downstream has gone.
+    async fn forward(
+        &self,
+        msg: KafkaResult<rdkafka::message::BorrowedMessage<'_>>,
+        out: &mpsc::Sender<Consumed>,
+    ) -> bool {
+        match msg {
+            Ok(m) => {
+                let consumed = self.own(&m);
+                drop(m);
+                out.send(consumed).await.is_ok()
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "consumer error");
+                metrics::counter!(names::EVENTS, "type" => "unknown", "outcome" => "consumer_error").increment(1);
+                true
             }
         }
     }

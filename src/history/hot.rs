@@ -3,9 +3,12 @@
 //! Keys (all under the configured prefix):
 //! - `{p}:win:{user}`: sorted set, score = event time in ms, member = one encoded [`HistoryEntry`].
 //!   A window holds a sentinel member (empty, score −inf) once it is *complete*, that is, built
-//!   from LanceDB. Appends only touch complete windows, so a window never silently misses older
-//!   history; a missing window is rebuilt from LanceDB on the next read. Re-adding an entry is a
-//!   no-op (same member), which makes replays harmless.
+//!   from LanceDB. Appends only touch windows that exist, so a window never silently misses older
+//!   history; a missing window is rebuilt from LanceDB on the next read. Appends are plain
+//!   pipelined commands (one EXISTS per user, then ZADD, trim and expire): a window that expires
+//!   between the two is re-created without its sentinel, and reads treat a window without the
+//!   sentinel as missing. Re-adding an entry is a no-op (same member), which makes replays
+//!   harmless.
 //! - `{p}:item:{item}`: hash with the item's embedding, image and text.
 //! - `{p}:out:{request}`: set once a display's output is published, so a replay skips it.
 
@@ -18,34 +21,6 @@ use redis::AsyncCommands;
 
 use super::{HistoryEntry, Item};
 use crate::event::Action;
-
-/// Appends entries to complete windows and trims each to its newest `ARGV[1]` (plus the sentinel).
-/// One key per user; after the two fixed arguments, each key has its entry count followed by that
-/// many (score, member) pairs, so a user's entries of a batch cost one ZADD, one trim, one expire.
-const APPEND: &str = r#"
-local n = tonumber(ARGV[1])
-local ttl = ARGV[2]
-local at = 3
-local added = 0
-for i = 1, #KEYS do
-  local key = KEYS[i]
-  local count = tonumber(ARGV[at])
-  if redis.call('EXISTS', key) == 1 then
-    local from = at + 1
-    local last = at + 2 * count
-    while from <= last do
-      local upto = math.min(from + 999, last)
-      redis.call('ZADD', key, unpack(ARGV, from, upto))
-      from = upto + 1
-    end
-    redis.call('ZREMRANGEBYRANK', key, 1, -(n + 1))
-    redis.call('PEXPIRE', key, ttl)
-    added = added + count
-  end
-  at = at + 1 + 2 * count
-end
-return added
-"#;
 
 fn client(cfg: &crate::config::RedisConfig) -> redis::RedisResult<redis::Client> {
     if cfg.tls_ca_file.is_none() && cfg.tls_cert_file.is_none() {
@@ -90,7 +65,6 @@ pub struct Hot {
     window_ttl_ms: u64,
     output_ttl_ms: u64,
     item_ttl_ms: u64,
-    append: Arc<redis::Script>,
 }
 
 impl Hot {
@@ -112,7 +86,6 @@ impl Hot {
             window_ttl_ms: cfg.window_ttl.as_millis().max(1) as u64,
             output_ttl_ms: cfg.output_ttl.as_millis().max(1) as u64,
             item_ttl_ms: cfg.item_ttl.as_millis().max(1) as u64,
-            append: Arc::new(redis::Script::new(APPEND)),
         })
     }
 
@@ -155,23 +128,52 @@ impl Hot {
             });
             users[i].push(e);
         }
-        let mut inv = self.append.prepare_invoke();
-        inv.arg(self.window).arg(self.window_ttl_ms);
-        for group in &users {
-            inv.key(self.window_key(&group[0].user_id)).arg(group.len());
-            for e in group {
-                inv.arg(e.ts_ms).arg(encode_member(e));
-            }
-        }
+        let keys: Vec<String> = users
+            .iter()
+            .map(|group| self.window_key(&group[0].user_id))
+            .collect();
         let mut c = self.conn.clone();
-        inv.invoke_async::<usize>(&mut c).await
+        let mut exists = redis::pipe();
+        for key in &keys {
+            exists.exists(key);
+        }
+        let present: Vec<bool> = exists.query_async(&mut c).await?;
+        // Each user's entries: one ZADD, then the trim to the newest `window` above the sentinel
+        // (rank 0) and the expiry.
+        let mut p = redis::pipe();
+        let mut added = 0;
+        for ((key, group), present) in keys.iter().zip(&users).zip(present) {
+            if !present {
+                continue;
+            }
+            let members: Vec<(i64, Vec<u8>)> =
+                group.iter().map(|e| (e.ts_ms, encode_member(e))).collect();
+            p.zadd_multiple(key, &members)
+                .ignore()
+                .zremrangebyrank(key, 1, -(self.window as isize + 1))
+                .ignore()
+                .pexpire(key, self.window_ttl_ms as i64)
+                .ignore();
+            added += group.len();
+        }
+        if added > 0 {
+            p.query_async::<()>(&mut c).await?;
+        }
+        Ok(added)
     }
 
     /// The user's window, newest first; `None` when it is not cached (not complete).
     pub async fn window(&self, user_id: &str) -> redis::RedisResult<Option<Vec<HistoryEntry>>> {
         let mut c = self.conn.clone();
-        let members: Vec<Vec<u8>> = c.zrevrange(self.window_key(user_id), 0, -1).await?;
+        let key = self.window_key(user_id);
+        let members: Vec<Vec<u8>> = c.zrevrange(&key, 0, -1).await?;
         if members.is_empty() {
+            return Ok(None);
+        }
+        if members.last().is_some_and(|m| !m.is_empty()) {
+            // No sentinel: an append re-created the window after it expired, so older history
+            // is missing from it.
+            c.del::<_, ()>(&key).await?;
             return Ok(None);
         }
         let mut out: Vec<HistoryEntry> = Vec::with_capacity(members.len());

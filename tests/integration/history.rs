@@ -72,6 +72,29 @@ async fn windows_append_only_when_complete_and_keep_the_newest() {
         "newest 3, newest first, once each"
     );
     hot.invalidate_windows(&["u".to_string()]).await.unwrap();
+
+    // A window that expired between an append's EXISTS and its ZADD comes back without the
+    // sentinel: reads treat it as missing (and drop it), so it is rebuilt from LanceDB.
+    let mut raw = redis::Client::open(shared_redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let key = hot.window_key("u");
+    redis::cmd("ZADD")
+        .arg(&key)
+        .arg(e[4].ts_ms)
+        .arg(ragar::history::hot::encode_member(&e[4]))
+        .query_async::<()>(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(hot.window("u").await.unwrap(), None);
+    let left: bool = redis::cmd("EXISTS")
+        .arg(&key)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert!(!left, "the incomplete window is dropped");
 }
 
 #[tokio::test]
