@@ -323,11 +323,7 @@ impl Ingest {
         out: &mpsc::Sender<Consumed>,
     ) -> bool {
         match msg {
-            Ok(m) => {
-                let consumed = self.own(&m);
-                drop(m);
-                out.send(consumed).await.is_ok()
-            }
+            Ok(m) => out.send(self.own(&m)).await.is_ok(),
             Err(e) => {
                 tracing::warn!(error = %e, "consumer error");
                 metrics::counter!(names::EVENTS, "type" => "unknown", "outcome" => "consumer_error").increment(1);

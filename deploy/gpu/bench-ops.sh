@@ -8,12 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 reps="${1:-20}"
-for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
-  /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu \
-  /opt/torch/.venv/lib/python3*/site-packages/nvidia/*/lib; do
-  [ -d "$d" ] && LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
-done
-export LD_LIBRARY_PATH
+. deploy/gpu/cuda-libs.sh
 out="${OUT:-target-gpu}"
 mkdir -p "$out"
 for b in 1 4; do

@@ -35,13 +35,7 @@ if [ -z "$anchor" ]; then
   done
 fi
 
-# The binary needs the machine's CUDA libraries (runtime, cuBLAS, cuRAND, NVRTC) and the driver's.
-for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
-  /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu \
-  /opt/torch/.venv/lib/python3*/site-packages/nvidia/*/lib; do
-  [ -d "$d" ] && LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
-done
-export LD_LIBRARY_PATH
+. deploy/gpu/cuda-libs.sh
 
 out="${OUT:-target-gpu}"
 mkdir -p "$out"

@@ -89,7 +89,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::diffusion::{seeded_noise, tensor_to_images};
 use super::emoji::{bundle_version, images_to_tensor};
-use super::unet::UNet;
+use super::unet::{max_abs, UNet};
 use super::{Candidate, GenerationRequest, Generator, Image, ModelError};
 
 pub const UNET_CONFIG: &str = "unet/config.json";
@@ -1817,9 +1817,6 @@ pub fn compare_unets(device: &Device) -> Result<f64, ModelError> {
     .to_dtype(dtype)?;
     let a = ours.forward(&xs, 500.0, &ctx)?.to_dtype(DType::F32)?;
     let b = theirs.forward(&xs, 500.0, &ctx)?.to_dtype(DType::F32)?;
-    let max_abs = |t: &Tensor| -> Result<f32, ModelError> {
-        Ok(t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
-    };
     let scale = max_abs(&b)?;
     if !(scale.is_finite() && scale > 0.0) {
         return Err(ModelError::Other(format!(

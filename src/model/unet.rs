@@ -23,7 +23,9 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Module, Result, Shape, Tensor, D};
 use candle_nn::{conv2d, Conv2d, Conv2dConfig, Init, LayerNorm, VarBuilder};
-use candle_transformers::models::stable_diffusion::unet_2d::UNet2DConditionModelConfig;
+use candle_transformers::models::stable_diffusion::unet_2d::{
+    BlockConfig, UNet2DConditionModelConfig,
+};
 
 /// Ones and zeros of one length, the identity affine of the fused layer-norm kernel when it
 /// normalizes a group; shared by the UNet's group norms.
@@ -91,6 +93,15 @@ impl GroupNorm {
             .broadcast_mul(&self.weight.reshape((1, c, 1, 1))?)?
             .broadcast_add(&self.bias.reshape((1, c, 1, 1))?)
     }
+}
+
+/// The largest absolute value of a tensor (as f32): the scale of the UNet comparisons.
+pub(crate) fn max_abs(t: &Tensor) -> Result<f32> {
+    t.abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_dtype(DType::F32)?
+        .to_scalar::<f32>()
 }
 
 /// A layer's `weight`, with candle-nn's initialization hint (what random-weight builds draw).
@@ -443,6 +454,29 @@ struct Ctx<'a> {
     identity: Arc<IdentityAffine>,
 }
 
+/// A level's spatial transformers, one per resnet (`attentions.{j}`); none in plain levels.
+fn level_attentions(
+    vb: &VarBuilder,
+    count: usize,
+    block: BlockConfig,
+    ctx: &Ctx,
+) -> Result<Vec<SpatialTransformer>> {
+    match block.use_cross_attn {
+        Some(depth) => (0..count)
+            .map(|j| {
+                SpatialTransformer::new(
+                    vb.pp(format!("attentions.{j}")),
+                    block.out_channels,
+                    block.attention_head_dim,
+                    depth,
+                    ctx,
+                )
+            })
+            .collect(),
+        None => Ok(Vec::new()),
+    }
+}
+
 /// One level of the down path: resnets (each followed by a spatial transformer in cross-attention
 /// levels) and a stride-2 convolution except at the deepest level.
 #[derive(Debug)]
@@ -537,20 +571,7 @@ impl UNet {
                     ResnetBlock::new(vb.pp(format!("resnets.{j}")), cin, out_ch, 1.0, &ctx)
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let attentions = match block.use_cross_attn {
-                Some(depth) => (0..config.layers_per_block)
-                    .map(|j| {
-                        SpatialTransformer::new(
-                            vb.pp(format!("attentions.{j}")),
-                            out_ch,
-                            block.attention_head_dim,
-                            depth,
-                            &ctx,
-                        )
-                    })
-                    .collect::<Result<Vec<_>>>()?,
-                None => Vec::new(),
-            };
+            let attentions = level_attentions(&vb, config.layers_per_block, *block, &ctx)?;
             let downsample = if i + 1 < n {
                 Some(conv2d(
                     out_ch,
@@ -627,20 +648,7 @@ impl UNet {
                     )
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let attentions = match block.use_cross_attn {
-                Some(depth) => (0..layers)
-                    .map(|j| {
-                        SpatialTransformer::new(
-                            vb.pp(format!("attentions.{j}")),
-                            out_ch,
-                            block.attention_head_dim,
-                            depth,
-                            &ctx,
-                        )
-                    })
-                    .collect::<Result<Vec<_>>>()?,
-                None => Vec::new(),
-            };
+            let attentions = level_attentions(&vb, layers, block, &ctx)?;
             let upsample = if i + 1 < n {
                 Some(conv2d(
                     out_ch,
@@ -838,27 +846,7 @@ mod tests {
     }
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
-
-    fn max_abs(a: &Tensor) -> f32 {
-        a.abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+        max_abs(&(a - b).unwrap()).unwrap()
     }
 
     /// The tiny configuration with two attention levels, two layers per block and 2 transformer
@@ -926,7 +914,7 @@ mod tests {
             let b = theirs.forward(&xs, t, &ctx).unwrap();
             assert_eq!(a.dims(), &[2, 4, 8, 8]);
             // The only difference in arithmetic is the GELU (erf here, tanh there).
-            let (diff, scale) = (max_abs_diff(&a, &b), max_abs(&b));
+            let (diff, scale) = (max_abs_diff(&a, &b), max_abs(&b).unwrap());
             assert!(scale > 0.1, "t={t}: output {scale}");
             assert!(diff <= 2e-3 * scale, "t={t}: max |Δ| {diff} of {scale}");
         }
@@ -936,6 +924,6 @@ mod tests {
         let a = ours.forward(&xs, 10.0, &ctx).unwrap();
         let b = theirs.forward(&xs, 10.0, &ctx).unwrap();
         assert_eq!(a.dims(), &[1, 4, 10, 6]);
-        assert!(max_abs_diff(&a, &b) <= 2e-3 * max_abs(&b));
+        assert!(max_abs_diff(&a, &b) <= 2e-3 * max_abs(&b).unwrap());
     }
 }
