@@ -338,6 +338,10 @@ struct GeneratorArgs {
     batch: usize,
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
+    /// Decay of the weights' moving average that val measures and the bundle ships, per
+    /// optimizer step (0: the last weights).
+    #[arg(long, default_value_t = 0.0)]
+    ema_decay: f64,
     #[arg(long, default_value_t = 1)]
     seed: u64,
     #[arg(long)]
@@ -607,6 +611,7 @@ fn main() -> anyhow::Result<()> {
                 epochs: a.epochs,
                 batch: a.batch,
                 lr: a.lr,
+                ema_decay: a.ema_decay,
                 seed: a.seed,
                 resume: a.resume,
                 progress: !a.quiet,
@@ -620,12 +625,13 @@ fn main() -> anyhow::Result<()> {
             })?;
             if let Some(last) = curves.last() {
                 println!(
-                    "{}: epoch {}, train loss {:.4}, val L1 {:.4}, val style accuracy {:.3}",
+                    "{}: epoch {}, train loss {:.4}, val L1 {:.4}, val style accuracy {:.3}, val identity {:.3}",
                     a.out.display(),
                     last.epoch,
                     last.train_loss,
                     last.val_l1,
-                    last.val_style_acc
+                    last.val_style_acc,
+                    last.val_identity
                 );
             }
         }

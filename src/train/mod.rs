@@ -19,6 +19,7 @@
 //! (the optimizer's moments start afresh). The bundle (`config.json`, `model.safetensors`) is
 //! written to `OUT/` at the end.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -172,6 +173,77 @@ impl<C: Curve> Run<C> {
         }
         f.flush()?;
         Ok(())
+    }
+}
+
+/// An exponential moving average of a model's weights (`shadow ← d · shadow + (1 − d) · w` after
+/// every optimizer step), the weights a diffusion model is evaluated and shipped with: single
+/// steps of a small model move its samples a lot, the average is steadier. `d = 0` tracks the
+/// weights themselves.
+pub struct Ema {
+    decay: f64,
+    shadow: HashMap<String, Tensor>,
+}
+
+impl Ema {
+    /// Starts the average at the current weights.
+    pub fn new(varmap: &VarMap, decay: f64) -> candle_core::Result<Ema> {
+        let data = varmap.data().lock().expect("varmap lock");
+        let shadow = data
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), v.as_tensor().detach().copy()?)))
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Ema {
+            decay: decay.clamp(0.0, 1.0),
+            shadow,
+        })
+    }
+
+    /// Continues an average saved by [`Ema::save`]; refuses one whose tensors differ.
+    pub fn load(varmap: &VarMap, decay: f64, path: &Path) -> anyhow::Result<Ema> {
+        let mut ema = Ema::new(varmap, decay)?;
+        let saved = candle_core::safetensors::load(path, &Device::Cpu)
+            .with_context(|| format!("reading {}", path.display()))?;
+        for (name, t) in ema.shadow.iter_mut() {
+            let s = saved
+                .get(name)
+                .with_context(|| format!("{} lacks `{name}`", path.display()))?;
+            if s.shape() != t.shape() {
+                bail!("`{name}` in {} has another shape", path.display());
+            }
+            *t = s.to_device(t.device())?;
+        }
+        Ok(ema)
+    }
+
+    /// One step of the average.
+    pub fn update(&mut self, varmap: &VarMap) -> candle_core::Result<()> {
+        let data = varmap.data().lock().expect("varmap lock");
+        for (name, shadow) in self.shadow.iter_mut() {
+            if let Some(var) = data.get(name) {
+                *shadow =
+                    ((&*shadow * self.decay)? + (var.as_tensor().detach() * (1.0 - self.decay))?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Swaps the average into the model (and the model's weights into the average): call twice
+    /// to undo, e.g. around an evaluation.
+    pub fn swap(&mut self, varmap: &VarMap) -> candle_core::Result<()> {
+        let data = varmap.data().lock().expect("varmap lock");
+        for (name, shadow) in self.shadow.iter_mut() {
+            if let Some(var) = data.get(name) {
+                let current = var.as_tensor().detach().copy()?;
+                var.set(shadow)?;
+                *shadow = current;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn save(&self, path: &Path) -> candle_core::Result<()> {
+        candle_core::safetensors::save(&self.shadow, path)
     }
 }
 
@@ -628,6 +700,48 @@ pub fn train_ranker(opts: &RankerTraining) -> anyhow::Result<Vec<RankerEpoch>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ema_averages_swaps_and_reloads() {
+        let zeros = |len: usize| {
+            let vm = VarMap::new();
+            let w = vm
+                .get(
+                    len,
+                    "w",
+                    candle_nn::Init::Const(0.0),
+                    DType::F32,
+                    &Device::Cpu,
+                )
+                .unwrap();
+            (vm, w)
+        };
+        let (vm, w) = zeros(2);
+        let read = |t: &Tensor| t.to_vec1::<f32>().unwrap();
+        let mut ema = Ema::new(&vm, 0.75).unwrap();
+        let var = vm.data().lock().unwrap()["w"].clone();
+        var.set(&Tensor::new(&[4f32, 8.], &Device::Cpu).unwrap())
+            .unwrap();
+        ema.update(&vm).unwrap();
+        ema.update(&vm).unwrap();
+        // [0, 0] → [1, 2] → [1.75, 3.5]: each step 0.75 · average + 0.25 · [4, 8].
+        ema.swap(&vm).unwrap();
+        assert_eq!(read(var.as_tensor()), vec![1.75, 3.5]);
+        assert_eq!(read(&w), vec![1.75, 3.5], "the model reads the average");
+        ema.swap(&vm).unwrap();
+        assert_eq!(read(var.as_tensor()), vec![4., 8.]);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ema.safetensors");
+        ema.save(&path).unwrap();
+        let mut again = Ema::load(&vm, 0.75, &path).unwrap();
+        again.swap(&vm).unwrap();
+        assert_eq!(read(var.as_tensor()), vec![1.75, 3.5]);
+
+        let (other, _) = zeros(3);
+        let err = Ema::load(&other, 0.75, &path).err().unwrap().to_string();
+        assert!(err.contains("`w`"), "{err}");
+    }
 
     #[test]
     fn seeded_init_is_repeatable() {
