@@ -121,8 +121,6 @@ const STYLE_NOISE: f32 = 0.15;
 struct Drawings {
     images: Tensor,
     styles: Vec<Vec<f32>>,
-    /// `[n, 384]`: each emoji's normalized mean content (the encoder's) over its vendors' drawings.
-    identities: Tensor,
     n: usize,
 }
 
@@ -136,23 +134,18 @@ fn drawings(
 ) -> anyhow::Result<Drawings> {
     let images = split_images(manifest, &opts.data_dir, entries, res)?;
     let refs: Vec<&Image> = images.iter().collect();
-    let images = images_to_tensor(&refs, res, device)?;
-    let n = entries.len();
-    let nv = manifest.vendors.len();
-    let mut contents = Vec::with_capacity(n * nv);
-    for start in (0..n * nv).step_by(256) {
-        let len = (n * nv - start).min(256);
-        let f = encoder.net().forward(&images.narrow(0, start, len)?)?;
-        contents.push(l2_normalize(&f.content)?);
-    }
-    let contents = Tensor::cat(&contents, 0)?;
-    let identities = l2_normalize(&contents.reshape((n, nv, CONTENT_DIM))?.mean(1)?)?;
     Ok(Drawings {
-        images,
+        images: images_to_tensor(&refs, res, device)?,
         styles: encoder.styles(&refs)?,
-        identities,
-        n,
+        n: entries.len(),
     })
+}
+
+/// `[n, 384]`: each emoji's normalized mean content (the encoder's) over its vendors' drawings,
+/// what a redraw's content is matched against for identity.
+fn identities(encoder: &EmojiEncoder, d: &Drawings, nv: usize) -> candle_core::Result<Tensor> {
+    let content = l2_normalize(&encoder.net().forward(&d.images)?.content)?;
+    l2_normalize(&content.reshape((d.n, nv, CONTENT_DIM))?.mean(1)?)
 }
 
 fn normalized_sum<'a>(rows: impl Iterator<Item = &'a Vec<f32>>, dim: usize) -> Vec<f32> {
@@ -232,6 +225,7 @@ pub fn train_generator(opts: &GeneratorTraining) -> anyhow::Result<Vec<Generator
     let train = drawings(&manifest, opts, &train_entries, &encoder, res, &device)?;
     let val_entries: Vec<&EmojiEntry> = val_entries.into_iter().take(VAL_EMOJI).collect();
     let val = drawings(&manifest, opts, &val_entries, &encoder, res, &device)?;
+    let val_identities = identities(&encoder, &val, nv)?;
     // Each vendor's prototype: the normalized mean style of its train drawings.
     let prototypes: Vec<Vec<f32>> = (0..nv)
         .map(|v| normalized_sum((0..train.n).map(|e| &train.styles[e * nv + v]), sd))
@@ -304,11 +298,15 @@ pub fn train_generator(opts: &GeneratorTraining) -> anyhow::Result<Vec<Generator
     }
     let mut opt = optimizer(&varmap, opts.lr)?;
     let ema_path = opts.out.join("checkpoint").join("ema.safetensors");
-    let mut ema = if run.epochs_done() > 0 && ema_path.is_file() {
-        Ema::load(&varmap, opts.ema_decay, &ema_path)?
-    } else {
-        Ema::new(&varmap, opts.ema_decay)?
+    let mut ema = match opts.ema_decay > 0.0 {
+        false => None,
+        true if run.epochs_done() > 0 && ema_path.is_file() => {
+            Some(Ema::load(&varmap, opts.ema_decay, &ema_path)?)
+        }
+        true => Some(Ema::new(&varmap, opts.ema_decay)?),
     };
+
+    let swap = |ema: &mut Option<Ema>| ema.as_mut().map_or(Ok(()), |e| e.swap(&varmap));
 
     let r = res as usize;
     let batch = opts.batch.max(1);
@@ -393,24 +391,26 @@ pub fn train_generator(opts: &GeneratorTraining) -> anyhow::Result<Vec<Generator
                 loss = (loss + terms.loss(&net, &reference, &style, noise, config.steps)?)?;
             }
             opt.backward_step(&loss)?;
-            ema.update(&varmap)?;
+            if let Some(ema) = &mut ema {
+                ema.update(&varmap)?;
+            }
             loss_sum += loss.to_scalar::<f32>()?;
             steps += 1;
             bar.inc(1);
         }
-        // Val measures the averaged weights, the ones a bundle of this epoch would ship.
-        ema.swap(&varmap)?;
+        // Val measures the weights a bundle of this epoch would ship: the average, if kept.
+        swap(&mut ema)?;
         let measured = evaluate(
             &net,
             &val,
+            &val_identities,
             &prototypes,
             &encoder,
-            nv,
             config.steps,
             opts.seed,
             &device,
         );
-        ema.swap(&varmap)?;
+        swap(&mut ema)?;
         let (val_l1, val_style_acc, val_identity) = measured?;
         let stats = GeneratorEpoch {
             epoch: epoch + 1,
@@ -424,28 +424,32 @@ pub fn train_generator(opts: &GeneratorTraining) -> anyhow::Result<Vec<Generator
             stats.epoch, stats.train_loss, val_l1, val_style_acc, val_identity
         ));
         // The average, before state.json names the epoch done.
-        ema.save(&ema_path)?;
+        if let Some(ema) = &ema {
+            ema.save(&ema_path)?;
+        }
         run.epoch_done(&varmap, stats)?;
     }
     bar.finish();
-    // The bundle holds what val measured: the averaged weights.
-    ema.swap(&varmap)?;
+    // The bundle holds what val measured.
+    swap(&mut ema)?;
     run.finish(&varmap, &config)
 }
 
 /// Val redraws: every val emoji from another vendor into each vendor's style (its prototype as
-/// the condition); mean L1 to the ground truth, the encoder's vendor agreement and identity.
+/// the condition); mean L1 to the ground truth, the encoder's vendor agreement and identity
+/// (the redraw's content nearest to its emoji's row of `identities`).
 #[allow(clippy::too_many_arguments)]
 fn evaluate(
     net: &StyleNet,
     val: &Drawings,
+    identities: &Tensor,
     prototypes: &[Vec<f32>],
     encoder: &EmojiEncoder,
-    nv: usize,
     steps: usize,
     seed: u64,
     device: &Device,
 ) -> anyhow::Result<(f32, f32, f32)> {
+    let nv = prototypes.len();
     let r = net.config.resolution as usize;
     let sd = net.config.style_dim;
     let cases: Vec<(usize, usize, usize)> = (0..val.n)
@@ -496,7 +500,7 @@ fn evaluate(
             .zip(vendors)
             .filter(|(c, v)| c.2 == *v as usize)
             .count();
-        let nearest = argmax_rows(&l2_normalize(&f.content)?.matmul(&val.identities.t()?)?)?;
+        let nearest = argmax_rows(&l2_normalize(&f.content)?.matmul(&identities.t()?)?)?;
         identity_ok += chunk
             .iter()
             .zip(nearest)

@@ -178,8 +178,7 @@ impl<C: Curve> Run<C> {
 
 /// An exponential moving average of a model's weights (`shadow ← d · shadow + (1 − d) · w` after
 /// every optimizer step), the weights a diffusion model is evaluated and shipped with: single
-/// steps of a small model move its samples a lot, the average is steadier. `d = 0` tracks the
-/// weights themselves.
+/// steps of a small model move its samples a lot, the average is steadier.
 pub struct Ema {
     decay: f64,
     shadow: HashMap<String, Tensor>,
