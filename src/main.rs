@@ -342,6 +342,10 @@ struct GeneratorArgs {
     /// optimizer step (0: the last weights).
     #[arg(long, default_value_t = 0.0)]
     ema_decay: f64,
+    /// Weight of the content term: (1 − cosine) between the encoder's content of the implied
+    /// redraw and the emoji's mean content (0: left out).
+    #[arg(long, default_value_t = 0.0)]
+    content_weight: f64,
     #[arg(long, default_value_t = 1)]
     seed: u64,
     #[arg(long)]
@@ -612,6 +616,7 @@ fn main() -> anyhow::Result<()> {
                 batch: a.batch,
                 lr: a.lr,
                 ema_decay: a.ema_decay,
+                content_weight: a.content_weight,
                 seed: a.seed,
                 resume: a.resume,
                 progress: !a.quiet,
