@@ -15,6 +15,10 @@ use ragar::history::hot::Hot;
 use ragar::history::HistoryEntry;
 use ragar::preference::{preference_vector, weigh, Params, WeightingMode};
 
+/// The allocator the `ragar` binary uses.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const DIM: usize = 384;
 
 fn unit(rng: &mut ChaCha8Rng) -> Vec<f32> {

@@ -177,16 +177,18 @@ impl Hot {
             return Ok(None);
         }
         let mut out: Vec<HistoryEntry> = Vec::with_capacity(members.len());
-        let mut seen = std::collections::HashSet::with_capacity(members.len());
+        // Event ids as the members spell them (the bytes before the first NUL), not copied.
+        let mut seen: std::collections::HashSet<&[u8]> =
+            std::collections::HashSet::with_capacity(members.len());
         for m in members.iter().filter(|m| !m.is_empty()) {
+            let event_id = m.split(|b| *b == 0).next().unwrap_or_default();
+            // One event can be two members when a replay resolved another embedding or time;
+            // the newest wins, as LanceDB keeps one row per event.
+            if !seen.insert(event_id) {
+                continue;
+            }
             match decode_member(user_id, m) {
-                // One event can be two members when a replay resolved another embedding or time;
-                // the newest wins, as LanceDB keeps one row per event.
-                Some(e) => {
-                    if seen.insert(e.event_id.clone()) {
-                        out.push(e);
-                    }
-                }
+                Some(e) => out.push(e),
                 None => {
                     tracing::warn!(
                         user_id,
@@ -373,11 +375,7 @@ pub fn decode_member(user_id: &str, m: &[u8]) -> Option<HistoryEntry> {
         item_id: item_id.to_string(),
         action,
         ts_ms,
-        // Straight into the shared slice: one allocation, no intermediate Vec.
-        embedding: rest[8..]
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
+        embedding: bytes_to_f32s(&rest[8..]).into(),
     })
 }
 
@@ -385,10 +383,15 @@ fn f32s_to_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
+/// Little-endian f32s. Filling a zeroed Vec in a plain loop compiles to vector moves; collecting
+/// the same iterator straight into an `Arc<[f32]>` went value by value and was the largest cost
+/// of reading a window (`benches/preference.rs`).
 fn bytes_to_f32s(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
+    let mut out = vec![0f32; b.len() / 4];
+    for (x, c) in out.iter_mut().zip(b.chunks_exact(4)) {
+        *x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+    }
+    out
 }
 
 #[cfg(test)]

@@ -71,6 +71,17 @@ async fn windows_append_only_when_complete_and_keep_the_newest() {
         sorted(e.clone())[..3].to_vec(),
         "newest 3, newest first, once each"
     );
+    // A replay that resolved another time and embedding adds a second member for its event:
+    // reads keep the newest of them.
+    let mut again = e[4].clone();
+    again.ts_ms += 10;
+    again.embedding = vec![9.0, 1.0, 0.0, 0.0].into();
+    assert_eq!(hot.append(&[&again]).await.unwrap(), 1);
+    assert_eq!(
+        hot.window("u").await.unwrap().unwrap(),
+        vec![again, e[3].clone()],
+        "one entry per event, the newest"
+    );
     hot.invalidate_windows(&["u".to_string()]).await.unwrap();
 
     // A window that expired between an append's EXISTS and its ZADD comes back without the
