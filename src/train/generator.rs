@@ -157,8 +157,13 @@ fn drawings(
 /// `[n, 384]`: each emoji's normalized mean content (the encoder's) over its vendors' drawings,
 /// what a redraw's content is matched against for identity.
 fn identities(encoder: &EmojiEncoder, d: &Drawings, nv: usize) -> candle_core::Result<Tensor> {
-    let content = l2_normalize(&encoder.net().forward(&d.images)?.content)?;
+    let content = content_of(encoder, &d.images)?;
     l2_normalize(&content.reshape((d.n, nv, CONTENT_DIM))?.mean(1)?)
+}
+
+/// `[b, 384]`: the encoder's normalized content of a batch of images (differentiable).
+fn content_of(encoder: &EmojiEncoder, images: &Tensor) -> candle_core::Result<Tensor> {
+    l2_normalize(&encoder.net().forward(images)?.content)
 }
 
 fn normalized_sum<'a>(rows: impl Iterator<Item = &'a Vec<f32>>, dim: usize) -> Vec<f32> {
@@ -403,7 +408,7 @@ pub fn train_generator(opts: &GeneratorTraining) -> anyhow::Result<Vec<Generator
                 let k = n.min(CONTENT_ROWS);
                 let redraw =
                     (reference.narrow(0, 0, k)? + pred.narrow(0, 0, k)?)?.clamp(-1f32, 1f32)?;
-                let (_, content) = encoder.net().image_embedding(&redraw)?;
+                let content = content_of(&encoder, &redraw)?;
                 let emoji: Vec<u32> = chunk[..k].iter().map(|&(e, _)| e).collect();
                 let target = ids.index_select(&Tensor::new(emoji, &device)?, 0)?;
                 let cos = (content * target)?.sum(1)?;
