@@ -201,6 +201,9 @@ enum BenchWhat {
         /// anchor allows it).
         #[arg(long)]
         no_tf32: bool,
+        /// ragar's UNet on candle's operations alone, without its CUDA kernels (the comparison).
+        #[arg(long)]
+        no_fused_kernels: bool,
     },
     /// The operations SD1.5's UNet and VAE are made of, at their shapes (convolutions, the matrix
     /// products behind them, group norms, attention, elementwise and layout operations): mean ms
@@ -218,6 +221,9 @@ enum BenchWhat {
         /// Timed runs of each operation (the mean is reported).
         #[arg(long, default_value_t = 20)]
         reps: usize,
+        /// ragar's group norm and attention on candle's operations alone, without its CUDA kernels.
+        #[arg(long)]
+        no_fused_kernels: bool,
     },
 }
 
@@ -855,6 +861,7 @@ fn main() -> anyhow::Result<()> {
                     reps_one_step,
                     candle_transformers_unet,
                     no_tf32,
+                    no_fused_kernels,
                 },
         } => {
             let out = ragar::model::sd::bench(&ragar::model::sd::BenchOptions {
@@ -866,6 +873,7 @@ fn main() -> anyhow::Result<()> {
                 reps_one_step,
                 candle_transformers_unet,
                 tf32: !no_tf32,
+                fused_kernels: !no_fused_kernels,
             })?;
             println!("{out}");
         }
@@ -876,6 +884,7 @@ fn main() -> anyhow::Result<()> {
                     small,
                     batch,
                     reps,
+                    no_fused_kernels,
                 },
         } => {
             let out = ragar::model::opbench::bench_ops(&ragar::model::opbench::OpsOptions {
@@ -883,6 +892,7 @@ fn main() -> anyhow::Result<()> {
                 small,
                 batch,
                 reps,
+                fused_kernels: !no_fused_kernels,
             })?;
             println!("{out}");
         }

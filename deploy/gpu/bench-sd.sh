@@ -10,9 +10,9 @@
 #
 # Variants (each `name:binary:extra args`, space-separated, in $VARIANTS; extra args joined by
 # commas), each run when its binary is there. By default:
-#   ragar        ragar's UNet (src/model/unet.rs), attention in f16
-#   ct           candle-transformers' UNet as it is (attention in f32, no TF32)
-#   ct_tf32      candle-transformers' UNet with TF32 allowed for its f32 products
+#   ragar              ragar's UNet and VAE decoder with its CUDA kernels (src/model/kernels.rs)
+#   ragar_candle_ops   the same on candle's operations alone (--no-fused-kernels)
+#   ct                 candle-transformers' UNet as it is (attention in f32, no TF32)
 #
 # ANCHOR defaults to ../shared/tools/sd_unet_anchor.py, then shared/tools/sd_unet_anchor.py. Only
 # the repository travels to a device machine (a shared/ inside it does, the ../shared beside it
@@ -42,7 +42,7 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
 status=0
-for variant in ${VARIANTS:-ragar:ragar: ct:ragar:--candle-transformers-unet,--no-tf32 ct_tf32:ragar:--candle-transformers-unet}; do
+for variant in ${VARIANTS:-ragar:ragar: ragar_candle_ops:ragar:--no-fused-kernels ct:ragar:--candle-transformers-unet,--no-tf32}; do
   IFS=: read -r name bin extra <<<"$variant"
   extra="${extra//,/ }"
   [ -x "target-gpu/$bin" ] || { echo "== $name: target-gpu/$bin not built, skipped"; continue; }

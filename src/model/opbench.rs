@@ -15,6 +15,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
+use super::kernels::{self, Epilogue};
 use super::sd::{dtype_for, RandomWeights};
 use super::unet::{Attention, GroupNorm, IdentityAffine};
 use super::ModelError;
@@ -26,6 +27,8 @@ pub struct OpsOptions {
     /// Images per request: the UNet's operations see twice as many (classifier-free guidance).
     pub batch: usize,
     pub reps: usize,
+    /// ragar's CUDA kernels ([`super::kernels`]) in its group norm, attention and convolutions.
+    pub fused_kernels: bool,
 }
 
 impl Default for OpsOptions {
@@ -35,6 +38,7 @@ impl Default for OpsOptions {
             small: false,
             batch: 1,
             reps: 20,
+            fused_kernels: true,
         }
     }
 }
@@ -69,6 +73,7 @@ pub fn bench_ops(options: &OpsOptions) -> Result<serde_json::Value, ModelError> 
         super::sd::default_device()?
     };
     let dtype = dtype_for(&device);
+    super::kernels::set_fused(options.fused_kernels);
     let ops = operations(options, &device, dtype)?;
     let mut rows = Vec::with_capacity(ops.len());
     for op in ops {
@@ -96,6 +101,7 @@ pub fn bench_ops(options: &OpsOptions) -> Result<serde_json::Value, ModelError> 
         "dtype": format!("{dtype:?}").to_lowercase(),
         "batch": options.batch,
         "small": options.small,
+        "fused_kernels": options.fused_kernels,
         "ops": rows,
     }))
 }
@@ -136,6 +142,20 @@ fn operations(options: &OpsOptions, device: &Device, dtype: DType) -> Result<Vec
         let flops = 2.0 * (b * side * side * c * c * 9) as f64;
         let x = random(&[b, c, side, side])?;
         let w = random(&[c, c, 3, 3])?;
+        // ragar's: nine shifted products (where the kernels apply; candle's convolution elsewhere).
+        let taps = kernels::conv3x3_taps(&w)?;
+        let (xr, wr) = (x.clone(), w.clone());
+        ops.push(Op {
+            name: format!("{part}.conv3x3.ragar.{c}ch.{side}px"),
+            work: Work::Flops(flops),
+            run: Box::new(move || match &taps {
+                Some(taps) => match kernels::conv(&xr, taps, Epilogue::unit())? {
+                    Some(out) => Ok(out),
+                    None => xr.conv2d(&wr, 1, 1, 1, 1),
+                },
+                None => xr.conv2d(&wr, 1, 1, 1, 1),
+            }),
+        });
         ops.push(Op {
             name: format!("{part}.conv3x3.{c}ch.{side}px"),
             work: Work::Flops(flops),
@@ -244,10 +264,11 @@ mod tests {
             small: true,
             batch: 1,
             reps: 1,
+            fused_kernels: true,
         })
         .unwrap();
         let ops = out["ops"].as_array().unwrap();
-        assert_eq!(ops.len(), 7 * 2 + 1 + 2 * 2 + 1 + 4, "{out}");
+        assert_eq!(ops.len(), 7 * 3 + 1 + 2 * 2 + 1 + 4, "{out}");
         for op in ops {
             let ms = op["ms"].as_f64().unwrap();
             assert!(ms > 0.0 && ms.is_finite(), "{op}");

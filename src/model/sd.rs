@@ -80,6 +80,8 @@ use candle_transformers::models::stable_diffusion::schedulers::{
     BetaSchedule, PredictionType, SchedulerConfig, TimestepSpacing,
 };
 use candle_transformers::models::stable_diffusion::{clip as sd_clip, ddim, unet_2d, vae};
+
+use super::vae_decoder::VaeDecoder;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::de::DeserializeOwned;
@@ -908,13 +910,19 @@ fn build_unet(cfg: &SdConfig, vb: VarBuilder) -> Result<UNet, ModelError> {
     )?)
 }
 
-fn build_vae(cfg: &SdConfig, vb: VarBuilder) -> Result<vae::AutoEncoderKL, ModelError> {
-    Ok(vae::AutoEncoderKL::new(
-        vb,
-        cfg.vae.in_channels,
-        cfg.vae.out_channels,
-        cfg.vae_config()?,
-    )?)
+/// The VAE: candle-transformers' encodes, ragar's [`VaeDecoder`] decodes (the decoder's weights
+/// are loaded twice, once in each).
+struct Vae {
+    kl: vae::AutoEncoderKL,
+    decoder: VaeDecoder,
+}
+
+fn build_vae(cfg: &SdConfig, vb: VarBuilder) -> Result<Vae, ModelError> {
+    let config = cfg.vae_config()?;
+    Ok(Vae {
+        decoder: VaeDecoder::new(vb.clone(), cfg.vae.out_channels, &config)?,
+        kl: vae::AutoEncoderKL::new(vb, cfg.vae.in_channels, cfg.vae.out_channels, config)?,
+    })
 }
 
 /// The CLIP text transformer, by activation (see the module header).
@@ -1027,6 +1035,47 @@ impl SimpleBackend for RandomWeights {
     /// Every name "exists": candle's VAE attention then takes the current diffusers names
     /// (`to_q`, `to_k`, `to_v`, `to_out.0`) rather than the legacy ones.
     fn contains_tensor(&self, _name: &str) -> bool {
+        true
+    }
+}
+
+/// Every tensor random, by name (norm gains around 1, biases too): the norms' affine and the
+/// biases take part in the comparison, which `RandomWeights` (gains 1, biases 0) would hide.
+pub(crate) struct AllRandom(pub(crate) u64);
+
+impl SimpleBackend for AllRandom {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let fan_in = s.dims().iter().skip(1).product::<usize>().max(1);
+        let bound = 1.0 / (fan_in as f32).sqrt();
+        let hash = name.bytes().fold(self.0, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+        let mut rng = ChaCha8Rng::seed_from_u64(hash);
+        let gain = name.contains("norm") && name.ends_with("weight");
+        let values: Vec<f32> = (0..s.elem_count())
+            .map(|_| {
+                if gain {
+                    rng.random_range(0.5..1.5)
+                } else {
+                    rng.random_range(-bound..bound)
+                }
+            })
+            .collect();
+        Tensor::from_vec(values, s, dev)?.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("no shape for `{name}`")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
         true
     }
 }
@@ -1220,7 +1269,14 @@ impl SdOptions {
 pub fn default_device() -> Result<Device, ModelError> {
     #[cfg(feature = "cuda")]
     {
-        Ok(Device::cuda_if_available(0)?)
+        let device = Device::cuda_if_available(0)?;
+        if let Device::Cuda(cuda) = &device {
+            // SAFETY: every tensor of this device is used on its one stream (candle gives each
+            // device its own), so the per-launch event records that order uses across streams
+            // are not needed; they cost CPU time on every kernel launch.
+            unsafe { cuda.disable_event_tracking() };
+        }
+        Ok(device)
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -1296,12 +1352,7 @@ fn pin_logvar(
 
 /// Loads the VAE with its posterior's log-variance pinned to −1000, so `encode(x).sample()` is
 /// exactly the posterior mean (see the module header).
-fn load_vae(
-    cfg: &SdConfig,
-    path: &Path,
-    dtype: DType,
-    device: &Device,
-) -> Result<vae::AutoEncoderKL, ModelError> {
+fn load_vae(cfg: &SdConfig, path: &Path, dtype: DType, device: &Device) -> Result<Vae, ModelError> {
     let mut tensors =
         candle_core::safetensors::load(path, &Device::Cpu).map_err(load_error(path))?;
     let layer = if cfg.vae.use_quant_conv {
@@ -1331,7 +1382,7 @@ pub struct SdGenerator {
     tokenizer: PromptTokenizer,
     text: TextModel,
     unet: UNet,
-    vae: vae::AutoEncoderKL,
+    vae: Vae,
     scheduler: ddim::DDIMSchedulerConfig,
     /// The empty prompt's hidden states `[1, tokens, hidden]`, for guidance.
     uncond: Tensor,
@@ -1449,7 +1500,7 @@ impl SdGenerator {
         let x = images_to_tensor(&[image], self.config.resolution() as u32, &Device::Cpu)?
             .to_device(&self.device)?
             .to_dtype(self.dtype)?;
-        let z = self.vae.encode(&x)?.sample()?;
+        let z = self.vae.kl.encode(&x)?.sample()?;
         let shift = self.config.vae.shift_factor.unwrap_or(0.0);
         Ok(z.affine(
             self.config.vae.scaling_factor,
@@ -1503,7 +1554,7 @@ impl SdGenerator {
         }
         let shift = self.config.vae.shift_factor.unwrap_or(0.0);
         let z = latents.affine(1.0 / self.config.vae.scaling_factor, shift)?;
-        let images = self.vae.decode(&z)?;
+        let images = self.vae.decoder.decode(&z)?;
         Ok(images.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)
     }
 }
@@ -1739,6 +1790,8 @@ pub struct BenchOptions {
     pub candle_transformers_unet: bool,
     /// f32 matrix products in TF32 on CUDA ([`allow_tf32`]), as the anchor allows.
     pub tf32: bool,
+    /// ragar's UNet with its CUDA kernels ([`super::kernels`]) where they apply.
+    pub fused_kernels: bool,
 }
 
 impl Default for BenchOptions {
@@ -1752,6 +1805,7 @@ impl Default for BenchOptions {
             reps_one_step: 10,
             candle_transformers_unet: false,
             tf32: true,
+            fused_kernels: true,
         }
     }
 }
@@ -1779,16 +1833,7 @@ impl BenchUnet {
 pub fn compare_unets(device: &Device) -> Result<f64, ModelError> {
     let cfg = SdConfig::tiny();
     let dtype = dtype_for(device);
-    let vb = || {
-        VarBuilder::from_backend(
-            Box::new(RandomWeights {
-                seed: Some(11),
-                record: None,
-            }),
-            dtype,
-            device.clone(),
-        )
-    };
+    let vb = || VarBuilder::from_backend(Box::new(AllRandom(11)), dtype, device.clone());
     let ours = build_unet(&cfg, vb())?;
     let theirs = unet_2d::UNet2DConditionModel::new(
         vb(),
@@ -1815,15 +1860,41 @@ pub fn compare_unets(device: &Device) -> Result<f64, ModelError> {
         device,
     )?
     .to_dtype(dtype)?;
-    let a = ours.forward(&xs, 500.0, &ctx)?.to_dtype(DType::F32)?;
-    let b = theirs.forward(&xs, 500.0, &ctx)?.to_dtype(DType::F32)?;
+    let a = ours.forward(&xs, 500.0, &ctx)?;
+    let b = theirs.forward(&xs, 500.0, &ctx)?;
+    relative_difference(&a, &b, "UNet")
+}
+
+/// `max |a − b| / max |b|`, `b` being candle-transformers' output.
+fn relative_difference(a: &Tensor, b: &Tensor, what: &str) -> Result<f64, ModelError> {
+    let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
     let scale = max_abs(&b)?;
     if !(scale.is_finite() && scale > 0.0) {
         return Err(ModelError::Other(format!(
-            "candle-transformers' UNet gave max |output| {scale}"
+            "candle-transformers' {what} gave max |output| {scale}"
         )));
     }
     Ok(f64::from(max_abs(&(a - b)?)? / scale))
+}
+
+/// How far ragar's VAE decoder is from candle-transformers' on `device` in its dtype, as
+/// [`compare_unets`]: the tiny configuration, seeded random weights (biases and norm gains too),
+/// a seeded 32×32 latent (a 256×256 image).
+pub fn compare_vae_decoders(device: &Device) -> Result<f64, ModelError> {
+    let cfg = SdConfig::tiny();
+    let dtype = dtype_for(device);
+    let vb = || VarBuilder::from_backend(Box::new(AllRandom(13)), dtype, device.clone());
+    let config = cfg.vae_config()?;
+    let ours = VaeDecoder::new(vb(), cfg.vae.out_channels, &config)?;
+    let theirs = vae::AutoEncoderKL::new(vb(), cfg.vae.in_channels, cfg.vae.out_channels, config)?;
+    let (latent, side) = (cfg.vae.latent_channels, 32);
+    let z = Tensor::from_vec(
+        seeded_noise(3, latent * side * side),
+        (1, latent, side, side),
+        device,
+    )?
+    .to_dtype(dtype)?;
+    relative_difference(&ours.decode(&z)?, &theirs.decode(&z)?, "VAE decoder")
 }
 
 /// Times denoising + decoding of the SD1.5 architecture (or the tiny one) with random weights,
@@ -1850,6 +1921,7 @@ pub fn bench(options: &BenchOptions) -> Result<serde_json::Value, ModelError> {
     };
     let dtype = dtype_for(&device);
     allow_tf32(options.tf32);
+    super::kernels::set_fused(options.fused_kernels);
     let cfg = if options.tiny {
         SdConfig::tiny()
     } else {
@@ -1901,7 +1973,7 @@ pub fn bench(options: &BenchOptions) -> Result<serde_json::Value, ModelError> {
             let guided = (&u + ((c - &u)? * 7.5)?)?;
             lat = (lat - (guided * 0.01)?)?;
         }
-        let image = vae.decode(&(lat / scaling)?)?;
+        let image = vae.decoder.decode(&(lat / scaling)?)?;
         drop(image);
         Ok(())
     };
@@ -1938,11 +2010,16 @@ pub fn bench(options: &BenchOptions) -> Result<serde_json::Value, ModelError> {
         .into(),
     );
     out.insert("tf32".into(), options.tf32.into());
+    out.insert("fused_kernels".into(), options.fused_kernels.into());
     out.insert("build_s".into(), build_s.into());
     // The comparison runs first, so that an error in either UNet stops the run before timing.
     out.insert(
         "tiny_unet_rel_diff_vs_candle_transformers".into(),
         compare_unets(&device)?.into(),
+    );
+    out.insert(
+        "tiny_vae_decoder_rel_diff_vs_candle_transformers".into(),
+        compare_vae_decoders(&device)?.into(),
     );
     for &b in &options.batches {
         let long = timed(b, options.steps, options.reps)?;
@@ -2331,6 +2408,7 @@ mod tests {
             reps_one_step: 1,
             candle_transformers_unet: false,
             tf32: true,
+            fused_kernels: true,
         })
         .unwrap();
         for key in [
@@ -2352,6 +2430,11 @@ mod tests {
             .as_f64()
             .unwrap();
         assert!(diff < 2e-3, "{diff}");
+        // The same arithmetic as candle-transformers' decoder.
+        let diff = out["tiny_vae_decoder_rel_diff_vs_candle_transformers"]
+            .as_f64()
+            .unwrap();
+        assert!(diff < 1e-4, "{diff}");
         assert_eq!(out["unet"], "ragar");
         let theirs = bench(&BenchOptions {
             tiny: true,
@@ -2362,6 +2445,7 @@ mod tests {
             reps_one_step: 1,
             candle_transformers_unet: true,
             tf32: true,
+            fused_kernels: true,
         })
         .unwrap();
         assert_eq!(theirs["unet"], "candle-transformers");

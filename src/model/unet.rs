@@ -16,6 +16,12 @@
 //!   uses the tanh approximation);
 //! - the timestep embedding is computed in f32 and cast, as diffusers does.
 //!
+//! On CUDA in f16, the hot operations run in [`kernels`](super::kernels): 3×3 convolutions as
+//! shifted matrix products with the bias, time embedding and residual in one pass, fused group
+//! norm + SiLU, attention without head split or merge copies, and transposes, GEGLU and bias
+//! additions in single passes. Elsewhere (the CPU, f32) the same arithmetic runs in candle's
+//! operations.
+//!
 //! The unit tests check it against candle-transformers' UNet on the same random weights.
 
 use std::collections::HashMap;
@@ -23,6 +29,8 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Module, Result, Shape, Tensor, D};
 use candle_nn::{conv2d, Conv2d, Conv2dConfig, Init, LayerNorm, VarBuilder};
+
+use super::kernels::{self, Epilogue};
 use candle_transformers::models::stable_diffusion::unet_2d::{
     BlockConfig, UNet2DConditionModelConfig,
 };
@@ -79,6 +87,25 @@ impl GroupNorm {
     }
 
     pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_silu(xs, false)
+    }
+
+    /// The norm, then SiLU when `silu`.
+    pub(crate) fn forward_silu(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
+        if let Some(out) =
+            kernels::group_norm(xs, &self.weight, &self.bias, self.groups, self.eps, silu)?
+        {
+            return Ok(out);
+        }
+        let out = self.forward_candle(xs)?;
+        if silu {
+            candle_nn::ops::silu(&out)
+        } else {
+            Ok(out)
+        }
+    }
+
+    fn forward_candle(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         let len = c / self.groups * h * w;
         let (ones, zeros) = self.identity.get(len, xs)?;
@@ -111,9 +138,9 @@ fn weight<S: Into<Shape>>(vb: &VarBuilder, shape: S) -> Result<Tensor> {
 
 /// `x · Wᵀ + b` over the last dimension as one 2-D product.
 #[derive(Debug)]
-struct Linear {
-    weight: Tensor,
-    bias: Option<Tensor>,
+pub(crate) struct Linear {
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Option<Tensor>,
 }
 
 impl Linear {
@@ -128,7 +155,12 @@ impl Linear {
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_residual(xs, None)
+    }
+
+    /// `x · Wᵀ` without the bias, in the input's shape with the last dimension replaced.
+    pub(crate) fn product(&self, xs: &Tensor) -> Result<Tensor> {
         let dims = xs.dims();
         let in_dim = dims[dims.len() - 1];
         let rows = xs.elem_count() / in_dim;
@@ -136,13 +168,85 @@ impl Linear {
             .contiguous()?
             .reshape((rows, in_dim))?
             .matmul(&self.weight.t()?)?;
-        let out = match &self.bias {
-            Some(b) => out.broadcast_add(b)?,
-            None => out,
-        };
         let mut shape = dims.to_vec();
         *shape.last_mut().expect("at least one dim") = self.weight.dim(0)?;
         out.reshape(shape)
+    }
+
+    /// `x · Wᵀ + b + residual`.
+    fn forward_residual(&self, xs: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        let out = self.product(xs)?;
+        let out = match &self.bias {
+            Some(b) => match kernels::add_bias(&out, b, residual)? {
+                Some(fused) => return Ok(fused),
+                None => out.broadcast_add(b)?,
+            },
+            None => out,
+        };
+        match residual {
+            Some(r) => out + r,
+            None => Ok(out),
+        }
+    }
+}
+
+/// A convolution: candle-nn's, with the shifted-product path of [`kernels`] for 3×3 stride-1
+/// padding-1 and 1×1 convolutions on CUDA in f16.
+#[derive(Debug)]
+pub(crate) struct Conv {
+    conv: Conv2d,
+    /// 3×3: the weight as `(3, n, 3c)` taps; 1×1: as `(1, n, c)`.
+    taps: Option<Tensor>,
+}
+
+impl Conv {
+    pub(crate) fn new(conv: Conv2d) -> Result<Self> {
+        let cfg = conv.config();
+        let plain = cfg.stride == 1 && cfg.dilation == 1 && cfg.groups == 1;
+        let (_, _, kh, kw) = conv.weight().dims4()?;
+        let taps = match (kh, kw, cfg.padding) {
+            (3, 3, 1) if plain => kernels::conv3x3_taps(conv.weight())?,
+            (1, 1, 0) if plain => kernels::conv1x1_taps(conv.weight())?,
+            _ => None,
+        };
+        Ok(Conv { conv, taps })
+    }
+
+    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_with(xs, None, None, 1.0)
+    }
+
+    /// `(conv(xs) + per_channel + residual) / divisor`, `per_channel` `(b, n)` added to every
+    /// pixel of its item and channel.
+    fn forward_with(
+        &self,
+        xs: &Tensor,
+        per_channel: Option<&Tensor>,
+        residual: Option<&Tensor>,
+        divisor: f64,
+    ) -> Result<Tensor> {
+        if let Some(taps) = &self.taps {
+            let epilogue = Epilogue {
+                bias: self.conv.bias(),
+                per_channel,
+                residual,
+                scale: (1.0 / divisor) as f32,
+            };
+            if let Some(out) = kernels::conv(xs, taps, epilogue)? {
+                return Ok(out);
+            }
+        }
+        let mut out = self.conv.forward(xs)?;
+        if let Some(t) = per_channel {
+            out = out.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
+        }
+        if let Some(r) = residual {
+            out = (r + out)?;
+        }
+        if divisor != 1.0 {
+            out = (out / divisor)?;
+        }
+        Ok(out)
     }
 }
 
@@ -213,18 +317,38 @@ impl Attention {
     }
 
     pub(crate) fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_residual(xs, context, None)
+    }
+
+    /// The attention's output plus `residual`.
+    fn forward_residual(
+        &self,
+        xs: &Tensor,
+        context: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (b, l, _) = xs.dims3()?;
-        let (q, k, v) = match (&self.kv, context) {
-            (Some(kv), Some(ctx)) => {
-                let q = self.split_heads(&self.q_or_qkv.forward(xs)?, 1)?;
-                let kv = self.split_heads(&kv.forward(ctx)?, 2)?;
+        let projected = self.q_or_qkv.forward(xs)?;
+        let kv = match (&self.kv, context) {
+            (Some(kv), Some(ctx)) => Some(kv.forward(ctx)?),
+            (None, None) => None,
+            _ => candle_core::bail!("attention: context given to self attention or missing"),
+        };
+        if let Some(merged) =
+            kernels::attention(&projected, kv.as_ref(), self.heads, self.head_dim)?
+        {
+            return self.to_out.forward_residual(&merged, residual);
+        }
+        let (q, k, v) = match kv {
+            Some(kv) => {
+                let q = self.split_heads(&projected, 1)?;
+                let kv = self.split_heads(&kv, 2)?;
                 (q[0].clone(), kv[0].clone(), kv[1].clone())
             }
-            (None, None) => {
-                let qkv = self.split_heads(&self.q_or_qkv.forward(xs)?, 3)?;
+            None => {
+                let qkv = self.split_heads(&projected, 3)?;
                 (qkv[0].clone(), qkv[1].clone(), qkv[2].clone())
             }
-            _ => candle_core::bail!("attention: context given to self attention or missing"),
         };
         let scores = q.matmul(&k.t()?)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
@@ -233,7 +357,7 @@ impl Attention {
             .reshape((b, self.heads, l, self.head_dim))?
             .transpose(1, 2)?
             .reshape((b, l, self.heads * self.head_dim))?;
-        self.to_out.forward(&out)
+        self.to_out.forward_residual(&out, residual)
     }
 }
 
@@ -253,12 +377,22 @@ impl FeedForward {
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.proj.forward(xs)?;
+    /// The feed-forward's output plus `residual`.
+    fn forward_residual(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let h = self.proj.product(xs)?;
+        let bias = self
+            .proj
+            .bias
+            .as_ref()
+            .expect("GEGLU projection has a bias");
+        if let Some(gated) = kernels::geglu(&h, bias)? {
+            return self.out.forward_residual(&gated, Some(residual));
+        }
+        let h = h.broadcast_add(bias)?;
         let half = h.dim(D::Minus1)? / 2;
         let value = h.narrow(D::Minus1, 0, half)?;
         let gate = h.narrow(D::Minus1, half, half)?.gelu_erf()?;
-        self.out.forward(&(value * gate)?)
+        self.out.forward_residual(&(value * gate)?, Some(residual))
     }
 }
 
@@ -291,12 +425,13 @@ impl TransformerBlock {
     }
 
     fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
-        let xs = (self
-            .attn2
-            .forward(&self.norm2.forward(&xs)?, Some(context))?
-            + xs)?;
-        self.ff.forward(&self.norm3.forward(&xs)?)? + xs
+        let xs = self
+            .attn1
+            .forward_residual(&self.norm1.forward(xs)?, None, Some(xs))?;
+        let xs =
+            self.attn2
+                .forward_residual(&self.norm2.forward(&xs)?, Some(context), Some(&xs))?;
+        self.ff.forward_residual(&self.norm3.forward(&xs)?, &xs)
     }
 }
 
@@ -351,33 +486,61 @@ impl SpatialTransformer {
     }
 
     fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = xs.dims4()?;
-        let tokens = self
-            .norm
-            .forward(xs)?
-            .reshape((b, c, h * w))?
-            .transpose(1, 2)?;
+        let tokens = to_tokens(&self.norm.forward(xs)?)?;
         let mut tokens = self.proj_in.forward(&tokens)?;
         for block in &self.blocks {
             tokens = block.forward(&tokens, context)?;
         }
-        let out = self
-            .proj_out
-            .forward(&tokens)?
-            .transpose(1, 2)?
-            .reshape((b, c, h, w))?;
-        out + xs
+        from_tokens(&self.proj_out, &tokens, xs)
     }
 }
 
+/// The 3×3 convolution after a level's nearest 2× upsample (`upsamplers.0.conv`).
+pub(crate) fn upsampler(vb: &VarBuilder, channels: usize) -> Result<Conv> {
+    let padded = Conv2dConfig {
+        padding: 1,
+        ..Default::default()
+    };
+    Conv::new(conv2d(
+        channels,
+        channels,
+        3,
+        padded,
+        vb.pp("upsamplers.0.conv"),
+    )?)
+}
+
+/// `(b, c, h, w)` → tokens `(b, h·w, c)`.
+pub(crate) fn to_tokens(xs: &Tensor) -> Result<Tensor> {
+    if let Some(tokens) = kernels::to_tokens(xs)? {
+        return Ok(tokens);
+    }
+    let (b, c, h, w) = xs.dims4()?;
+    xs.reshape((b, c, h * w))?.transpose(1, 2)
+}
+
+/// `proj(tokens)` back to the image layout of `residual` `(b, c, h, w)`, plus `residual`.
+pub(crate) fn from_tokens(proj: &Linear, tokens: &Tensor, residual: &Tensor) -> Result<Tensor> {
+    let projected = proj.product(tokens)?;
+    if let Some(out) = kernels::from_tokens(&projected, proj.bias.as_ref(), residual)? {
+        return Ok(out);
+    }
+    let projected = match &proj.bias {
+        Some(bias) => projected.broadcast_add(bias)?,
+        None => projected,
+    };
+    projected.transpose(1, 2)?.reshape(residual.shape())? + residual
+}
+
+/// diffusers' `ResnetBlock2D`; the UNet's take the time embedding, the VAE decoder's do not.
 #[derive(Debug)]
-struct ResnetBlock {
+pub(crate) struct ResnetBlock {
     norm1: GroupNorm,
-    conv1: Conv2d,
-    time_emb_proj: Linear,
+    conv1: Conv,
+    time_emb_proj: Option<Linear>,
     norm2: GroupNorm,
-    conv2: Conv2d,
-    shortcut: Option<Conv2d>,
+    conv2: Conv,
+    shortcut: Option<Conv>,
     output_scale_factor: f64,
 }
 
@@ -389,30 +552,57 @@ impl ResnetBlock {
         output_scale_factor: f64,
         ctx: &Ctx,
     ) -> Result<Self> {
-        let (groups, eps) = (ctx.config.norm_num_groups, ctx.config.norm_eps);
+        ResnetBlock::load(
+            vb,
+            (in_channels, out_channels),
+            (ctx.config.norm_num_groups, ctx.config.norm_eps),
+            output_scale_factor,
+            Some(ctx.time_embed_dim),
+            &ctx.identity,
+        )
+    }
+
+    /// A block of `groups` groups with `eps`, taking a time embedding of `temb_dim` when given.
+    pub(crate) fn load(
+        vb: VarBuilder,
+        (in_channels, out_channels): (usize, usize),
+        (groups, eps): (usize, f64),
+        output_scale_factor: f64,
+        temb_dim: Option<usize>,
+        identity: &Arc<IdentityAffine>,
+    ) -> Result<Self> {
         let padded = Conv2dConfig {
             padding: 1,
             ..Default::default()
         };
         Ok(ResnetBlock {
-            norm1: GroupNorm::new(groups, in_channels, eps, vb.pp("norm1"), &ctx.identity)?,
-            conv1: conv2d(in_channels, out_channels, 3, padded, vb.pp("conv1"))?,
-            time_emb_proj: Linear::load(
-                &vb.pp("time_emb_proj"),
-                ctx.time_embed_dim,
+            norm1: GroupNorm::new(groups, in_channels, eps, vb.pp("norm1"), identity)?,
+            conv1: Conv::new(conv2d(
+                in_channels,
                 out_channels,
-                true,
-            )?,
-            norm2: GroupNorm::new(groups, out_channels, eps, vb.pp("norm2"), &ctx.identity)?,
-            conv2: conv2d(out_channels, out_channels, 3, padded, vb.pp("conv2"))?,
+                3,
+                padded,
+                vb.pp("conv1"),
+            )?)?,
+            time_emb_proj: temb_dim
+                .map(|dim| Linear::load(&vb.pp("time_emb_proj"), dim, out_channels, true))
+                .transpose()?,
+            norm2: GroupNorm::new(groups, out_channels, eps, vb.pp("norm2"), identity)?,
+            conv2: Conv::new(conv2d(
+                out_channels,
+                out_channels,
+                3,
+                padded,
+                vb.pp("conv2"),
+            )?)?,
             shortcut: if in_channels != out_channels {
-                Some(conv2d(
+                Some(Conv::new(conv2d(
                     in_channels,
                     out_channels,
                     1,
                     Conv2dConfig::default(),
                     vb.pp("conv_shortcut"),
-                )?)
+                )?)?)
             } else {
                 None
             },
@@ -420,30 +610,29 @@ impl ResnetBlock {
         })
     }
 
-    /// `temb_silu` is `silu(time embedding)`, shared by every block.
-    fn forward(&self, xs: &Tensor, temb_silu: &Tensor) -> Result<Tensor> {
-        let h = self
-            .conv1
-            .forward(&candle_nn::ops::silu(&self.norm1.forward(xs)?)?)?;
-        let t = self
-            .time_emb_proj
-            .forward(temb_silu)?
-            .unsqueeze(2)?
-            .unsqueeze(3)?;
-        let h = h.broadcast_add(&t)?;
-        let h = self
-            .conv2
-            .forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
+    /// `temb_silu` is `silu(time embedding)`, shared by every block (`None` in blocks without
+    /// one).
+    pub(crate) fn forward(&self, xs: &Tensor, temb_silu: Option<&Tensor>) -> Result<Tensor> {
+        let t = match (&self.time_emb_proj, temb_silu) {
+            (Some(proj), Some(temb)) => Some(proj.forward(temb)?),
+            (None, None) => None,
+            _ => candle_core::bail!(
+                "resnet: time embedding given to a block without one, or missing"
+            ),
+        };
+        let h =
+            self.conv1
+                .forward_with(&self.norm1.forward_silu(xs, true)?, t.as_ref(), None, 1.0)?;
         let skip = match &self.shortcut {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),
         };
-        let out = (skip + h)?;
-        if self.output_scale_factor == 1.0 {
-            Ok(out)
-        } else {
-            out / self.output_scale_factor
-        }
+        self.conv2.forward_with(
+            &self.norm2.forward_silu(&h, true)?,
+            None,
+            Some(&skip),
+            self.output_scale_factor,
+        )
     }
 }
 
@@ -493,7 +682,7 @@ struct DownBlock {
 struct UpBlock {
     resnets: Vec<ResnetBlock>,
     attentions: Vec<SpatialTransformer>,
-    upsample: Option<Conv2d>,
+    upsample: Option<Conv>,
 }
 
 #[derive(Debug)]
@@ -509,14 +698,14 @@ struct MidBlock {
 #[derive(Debug)]
 pub struct UNet {
     config: UNet2DConditionModelConfig,
-    conv_in: Conv2d,
+    conv_in: Conv,
     time_linear_1: Linear,
     time_linear_2: Linear,
     down: Vec<DownBlock>,
     mid: MidBlock,
     up: Vec<UpBlock>,
     norm_out: GroupNorm,
-    conv_out: Conv2d,
+    conv_out: Conv,
 }
 
 impl UNet {
@@ -541,7 +730,7 @@ impl UNet {
             padding: 1,
             ..Default::default()
         };
-        let conv_in = conv2d(in_channels, base, 3, padded, vb.pp("conv_in"))?;
+        let conv_in = Conv::new(conv2d(in_channels, base, 3, padded, vb.pp("conv_in"))?)?;
         let time_linear_1 = Linear::load(
             &vb.pp("time_embedding.linear_1"),
             base,
@@ -650,13 +839,7 @@ impl UNet {
                 .collect::<Result<Vec<_>>>()?;
             let attentions = level_attentions(&vb, layers, block, &ctx)?;
             let upsample = if i + 1 < n {
-                Some(conv2d(
-                    out_ch,
-                    out_ch,
-                    3,
-                    padded,
-                    vb.pp("upsamplers.0.conv"),
-                )?)
+                Some(upsampler(&vb, out_ch)?)
             } else {
                 None
             };
@@ -682,7 +865,7 @@ impl UNet {
                 vb.pp("conv_norm_out"),
                 &ctx.identity,
             )?,
-            conv_out: conv2d(base, out_channels, 3, padded, vb.pp("conv_out"))?,
+            conv_out: Conv::new(conv2d(base, out_channels, 3, padded, vb.pp("conv_out"))?)?,
         })
     }
 
@@ -732,7 +915,7 @@ impl UNet {
         let mut skips = vec![xs.clone()];
         for block in &self.down {
             for (j, resnet) in block.resnets.iter().enumerate() {
-                xs = resnet.forward(&xs, &temb)?;
+                xs = resnet.forward(&xs, Some(&temb))?;
                 if let Some(attn) = block.attentions.get(j) {
                     xs = attn.forward(&xs, context)?;
                 }
@@ -744,14 +927,14 @@ impl UNet {
             }
         }
 
-        xs = self.mid.resnet0.forward(&xs, &temb)?;
+        xs = self.mid.resnet0.forward(&xs, Some(&temb))?;
         xs = self.mid.attention.forward(&xs, context)?;
-        xs = self.mid.resnet1.forward(&xs, &temb)?;
+        xs = self.mid.resnet1.forward(&xs, Some(&temb))?;
 
         for block in &self.up {
             for (j, resnet) in block.resnets.iter().enumerate() {
                 let skip = skips.pop().expect("one skip per up resnet");
-                xs = resnet.forward(&Tensor::cat(&[&xs, &skip], 1)?, &temb)?;
+                xs = resnet.forward(&Tensor::cat(&[&xs, &skip], 1)?, Some(&temb))?;
                 if let Some(attn) = block.attentions.get(j) {
                     xs = attn.forward(&xs, context)?;
                 }
@@ -770,23 +953,22 @@ impl UNet {
                 xs = conv.forward(&xs.upsample_nearest2d(th, tw)?)?;
             }
         }
-        let xs = candle_nn::ops::silu(&self.norm_out.forward(&xs)?)?;
-        self.conv_out.forward(&xs)
+        self.conv_out
+            .forward(&self.norm_out.forward_silu(&xs, true)?)
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::sd::{RandomWeights, SdConfig};
     use candle_core::Device;
-    use candle_nn::var_builder::SimpleBackend;
     use candle_transformers::models::stable_diffusion::unet_2d;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
     use std::collections::BTreeMap;
 
-    fn random_vb(
+    pub(crate) fn random_vb(
         seed: u64,
         record: Option<Arc<Mutex<BTreeMap<String, Tensor>>>>,
     ) -> VarBuilder<'static> {
@@ -800,45 +982,12 @@ mod tests {
         )
     }
 
-    /// Every tensor random, by name (norm gains around 1, biases too): the norms' affine and the
-    /// biases take part in the comparison, which `RandomWeights` (gains 1, biases 0) would hide.
-    struct AllRandom(u64);
-
-    impl SimpleBackend for AllRandom {
-        fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
-            let fan_in = s.dims().iter().skip(1).product::<usize>().max(1);
-            let bound = 1.0 / (fan_in as f32).sqrt();
-            let hash = name.bytes().fold(self.0, |h, b| {
-                (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-            });
-            let mut rng = ChaCha8Rng::seed_from_u64(hash);
-            let gain = name.contains("norm") && name.ends_with("weight");
-            let values: Vec<f32> = (0..s.elem_count())
-                .map(|_| {
-                    if gain {
-                        rng.random_range(0.5..1.5)
-                    } else {
-                        rng.random_range(-bound..bound)
-                    }
-                })
-                .collect();
-            Tensor::from_vec(values, s, dev)?.to_dtype(dtype)
-        }
-
-        fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {
-            candle_core::bail!("no shape for `{name}`")
-        }
-
-        fn contains_tensor(&self, _: &str) -> bool {
-            true
-        }
-    }
-
-    fn all_random(seed: u64) -> VarBuilder<'static> {
+    pub(crate) fn all_random(seed: u64) -> VarBuilder<'static> {
+        use crate::model::sd::AllRandom;
         VarBuilder::from_backend(Box::new(AllRandom(seed)), DType::F32, Device::Cpu)
     }
 
-    fn seeded(dims: &[usize], seed: u64) -> Tensor {
+    pub(crate) fn seeded(dims: &[usize], seed: u64) -> Tensor {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let n = dims.iter().product();
         let values: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0..2.0)).collect();
