@@ -709,6 +709,17 @@ extern "C" __global__ void softmax_rows(h16* __restrict__ s, unsigned cols) {
         (b, n, h, w): (usize, usize, usize, usize),
         wp: usize,
     ) -> Result<CudaSlice<f16>> {
+        for (what, t, want) in [
+            ("bias", ep.bias, vec![n]),
+            ("per-channel term", ep.per_channel, vec![b, n]),
+            ("residual", ep.residual, vec![b, n, h, w]),
+        ] {
+            if let Some(t) = t {
+                if t.dims() != want.as_slice() {
+                    candle_core::bail!("conv epilogue: {what} {:?}, expected {want:?}", t.dims());
+                }
+            }
+        }
         // SAFETY: the kernel writes every element.
         let mut out = unsafe { dev.alloc::<f16>(b * n * h * w)? };
         with_opt(ep.bias, |bias| {
@@ -731,7 +742,7 @@ extern "C" __global__ void softmax_rows(h16* __restrict__ s, unsigned cols) {
         silu: bool,
     ) -> Result<Option<Tensor>> {
         let (b, c, h, w) = x.dims4()?;
-        if groups == 0 || c % groups != 0 || !fits(b * c * h * w) {
+        if groups == 0 || c % groups != 0 || h * w == 0 || !fits(b * c * h * w) {
             return Ok(None);
         }
         let dev = device(x)?;
@@ -878,7 +889,13 @@ extern "C" __global__ void softmax_rows(h16* __restrict__ s, unsigned cols) {
                 (lk, 2 * inner)
             }
         };
-        if !fits(heads * l * lk) || !fits(b * l * width) {
+        if heads == 0
+            || l == 0
+            || lk == 0
+            || d == 0
+            || !fits(heads * l * lk)
+            || !fits(b * l * width)
+        {
             return Ok(None);
         }
         let dev = device(q_or_qkv)?;
