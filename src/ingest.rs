@@ -201,12 +201,6 @@ const FETCH_QUEUE_BACKOFF_MS: &str = "10";
 /// The consumer's librdkafka configuration: the shared settings, then the group's, with
 /// defaults for the properties `kafka.options` may override.
 fn consumer_config(cfg: &KafkaConfig, exactly_once: bool) -> ClientConfig {
-    let option = |key: &str, default: &'static str| -> String {
-        cfg.options
-            .get(key)
-            .map_or(default, String::as_str)
-            .to_string()
-    };
     let mut c = base_client_config(cfg);
     c.set("group.id", &cfg.group_id)
         .set("enable.auto.commit", (!exactly_once).to_string())
@@ -218,16 +212,17 @@ fn consumer_config(cfg: &KafkaConfig, exactly_once: bool) -> ClientConfig {
         .set(
             "session.timeout.ms",
             cfg.session_timeout.as_millis().to_string(),
-        )
-        .set("auto.offset.reset", option("auto.offset.reset", "earliest"))
-        .set(
-            "statistics.interval.ms",
-            option("statistics.interval.ms", "5000"),
-        )
-        .set(
-            "fetch.queue.backoff.ms",
-            option("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS),
         );
+    // Defaults for what `kafka.options` (already set by `base_client_config`) leaves out.
+    for (key, default) in [
+        ("auto.offset.reset", "earliest"),
+        ("statistics.interval.ms", "5000"),
+        ("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS),
+    ] {
+        if c.get(key).is_none() {
+            c.set(key, default);
+        }
+    }
     c
 }
 

@@ -200,6 +200,19 @@ pub(crate) struct Conv {
 }
 
 impl Conv {
+    /// A 3×3 convolution with padding 1 (`name.weight`, `name.bias`).
+    pub(crate) fn padded3x3(
+        in_channels: usize,
+        out_channels: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let padded = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        Conv::new(conv2d(in_channels, out_channels, 3, padded, vb)?)
+    }
+
     pub(crate) fn new(conv: Conv2d) -> Result<Self> {
         let cfg = conv.config();
         let plain = cfg.stride == 1 && cfg.dilation == 1 && cfg.groups == 1;
@@ -497,17 +510,7 @@ impl SpatialTransformer {
 
 /// The 3×3 convolution after a level's nearest 2× upsample (`upsamplers.0.conv`).
 pub(crate) fn upsampler(vb: &VarBuilder, channels: usize) -> Result<Conv> {
-    let padded = Conv2dConfig {
-        padding: 1,
-        ..Default::default()
-    };
-    Conv::new(conv2d(
-        channels,
-        channels,
-        3,
-        padded,
-        vb.pp("upsamplers.0.conv"),
-    )?)
+    Conv::padded3x3(channels, channels, vb.pp("upsamplers.0.conv"))
 }
 
 /// `(b, c, h, w)` → tokens `(b, h·w, c)`.
@@ -571,30 +574,14 @@ impl ResnetBlock {
         temb_dim: Option<usize>,
         identity: &Arc<IdentityAffine>,
     ) -> Result<Self> {
-        let padded = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
         Ok(ResnetBlock {
             norm1: GroupNorm::new(groups, in_channels, eps, vb.pp("norm1"), identity)?,
-            conv1: Conv::new(conv2d(
-                in_channels,
-                out_channels,
-                3,
-                padded,
-                vb.pp("conv1"),
-            )?)?,
+            conv1: Conv::padded3x3(in_channels, out_channels, vb.pp("conv1"))?,
             time_emb_proj: temb_dim
                 .map(|dim| Linear::load(&vb.pp("time_emb_proj"), dim, out_channels, true))
                 .transpose()?,
             norm2: GroupNorm::new(groups, out_channels, eps, vb.pp("norm2"), identity)?,
-            conv2: Conv::new(conv2d(
-                out_channels,
-                out_channels,
-                3,
-                padded,
-                vb.pp("conv2"),
-            )?)?,
+            conv2: Conv::padded3x3(out_channels, out_channels, vb.pp("conv2"))?,
             shortcut: if in_channels != out_channels {
                 Some(Conv::new(conv2d(
                     in_channels,
@@ -726,11 +713,7 @@ impl UNet {
             time_embed_dim: 4 * base,
             identity: Arc::new(IdentityAffine::default()),
         };
-        let padded = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
-        let conv_in = Conv::new(conv2d(in_channels, base, 3, padded, vb.pp("conv_in"))?)?;
+        let conv_in = Conv::padded3x3(in_channels, base, vb.pp("conv_in"))?;
         let time_linear_1 = Linear::load(
             &vb.pp("time_embedding.linear_1"),
             base,
@@ -865,7 +848,7 @@ impl UNet {
                 vb.pp("conv_norm_out"),
                 &ctx.identity,
             )?,
-            conv_out: Conv::new(conv2d(base, out_channels, 3, padded, vb.pp("conv_out"))?)?,
+            conv_out: Conv::padded3x3(base, out_channels, vb.pp("conv_out"))?,
         })
     }
 

@@ -123,10 +123,6 @@ impl VaeDecoder {
         let groups = config.norm_num_groups;
         let identity = Arc::new(IdentityAffine::default());
         let latent = config.latent_channels;
-        let padded = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
         let post_quant_conv = if config.use_post_quant_conv {
             Some(Conv::new(conv2d(
                 latent,
@@ -164,13 +160,13 @@ impl VaeDecoder {
         }
         Ok(VaeDecoder {
             post_quant_conv,
-            conv_in: Conv::new(conv2d(latent, top, 3, padded, vb.pp("conv_in"))?)?,
+            conv_in: Conv::padded3x3(latent, top, vb.pp("conv_in"))?,
             mid_resnet0: resnet(vb_mid.pp("resnets.0"), top, top)?,
             mid_attention: AttentionBlock::new(vb_mid.pp("attentions.0"), top, groups, &identity)?,
             mid_resnet1: resnet(vb_mid.pp("resnets.1"), top, top)?,
             up,
             norm_out: GroupNorm::new(groups, bottom, EPS, vb.pp("conv_norm_out"), &identity)?,
-            conv_out: Conv::new(conv2d(bottom, out_channels, 3, padded, vb.pp("conv_out"))?)?,
+            conv_out: Conv::padded3x3(bottom, out_channels, vb.pp("conv_out"))?,
         })
     }
 
