@@ -337,6 +337,9 @@ pub struct ModelsConfig {
     pub generator_dir: PathBuf,
     /// Sampling steps of the `diffusion` generator; 0 takes the bundle's default.
     pub generator_steps: usize,
+    /// Style guidance scale of the `diffusion` generator in [0, 8] (0: none); unset takes the
+    /// bundle's default.
+    pub generator_guidance: Option<f32>,
     /// The `sd` generator's model: a Stable Diffusion directory in the diffusers layout
     /// (`unet/`, `vae/`, `text_encoder/`, `tokenizer/tokenizer.json`, `scheduler/`).
     pub sd_dir: PathBuf,
@@ -367,6 +370,7 @@ impl Default for ModelsConfig {
             generator: "passthrough".into(),
             generator_dir: PathBuf::from("models/generator"),
             generator_steps: 0,
+            generator_guidance: None,
             sd_dir: PathBuf::from("models/stable-diffusion"),
             sd_steps: 20,
             sd_strength: 0.6,
@@ -709,6 +713,10 @@ impl Config {
         if m.sd_steps == 0 || m.sd_steps > 1000 {
             return Err(invalid("models.sd_steps", "must be in 1..=1000"));
         }
+        if let Some(g) = m.generator_guidance {
+            crate::model::diffusion::check_guidance(g)
+                .map_err(|e| invalid("models.generator_guidance", e))?;
+        }
         if !(m.sd_strength > 0.0 && m.sd_strength <= 1.0) {
             return Err(invalid(
                 "models.sd_strength",
@@ -949,6 +957,10 @@ mod tests {
         );
         assert_eq!(err_key("[models]\ndim = 0\n", &[]), "models.dim");
         assert_eq!(err_key("[models]\nsd_steps = 0\n", &[]), "models.sd_steps");
+        assert_eq!(
+            err_key("[models]\ngenerator_guidance = 9.5\n", &[]),
+            "models.generator_guidance"
+        );
         assert_eq!(
             err_key("[models]\nsd_steps = 800\nsd_strength = 0.5\n", &[]),
             "models.sd_steps"

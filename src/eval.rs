@@ -35,6 +35,9 @@ pub struct EvalOptions {
     pub match_dims: Vec<usize>,
     /// Candidates per display in the best-of-N generation rows.
     pub best_of: usize,
+    /// The displays the generation rows are measured on: `Test` for the report, `Val` for
+    /// choosing the generator's sampling settings.
+    pub generation_split: Split,
 }
 
 /// The models an evaluation measures; absent ones leave their rows out.
@@ -109,6 +112,7 @@ pub struct PreferenceReport {
     pub ranker: Option<RankerEval>,
     pub judge: Option<JudgeAccuracy>,
     pub generation: Vec<GenerationRow>,
+    pub generation_split: Split,
 }
 
 /// One generation setting's row: how its published images fare, on test displays.
@@ -470,6 +474,7 @@ pub fn generation_rows(
     encoder: &EmojiEncoder,
     ranker: Option<&crate::model::ranker::LearnedRanker>,
     specs: &[GenerationSpec],
+    split: Split,
 ) -> anyhow::Result<(JudgeAccuracy, Vec<GenerationRow>)> {
     use crate::model::{GenerationRequest, Ranker};
     let res = judge.config().resolution;
@@ -485,7 +490,8 @@ pub fn generation_rows(
             &std::fs::read(&path).with_context(|| path.display().to_string())?,
         )?)
     };
-    let test: Vec<&crate::data::EmojiEntry> = manifest.split(Split::Test).collect();
+    // The emoji the displays show (`sim`'s display split): identity is chosen among them.
+    let test: Vec<&crate::data::EmojiEntry> = manifest.split(split).collect();
     let names: Vec<String> = test.iter().map(|e| e.name.to_lowercase()).collect();
     let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let mut prototypes = Vec::with_capacity(test.len());
@@ -867,8 +873,12 @@ pub fn run(opts: &EvalOptions, models: &EvalModels) -> anyhow::Result<Preference
                     candidates,
                 });
             }
+            let sim = match opts.generation_split {
+                Split::Val => &val_sim,
+                _ => &test_sim,
+            };
             let (acc, rows) = generation_rows(
-                &test_sim,
+                sim,
                 &manifest,
                 &opts.data_dir,
                 &emb.items,
@@ -878,6 +888,7 @@ pub fn run(opts: &EvalOptions, models: &EvalModels) -> anyhow::Result<Preference
                 encoder,
                 ranker,
                 &specs,
+                opts.generation_split,
             )?;
             (Some(acc), rows)
         }
@@ -887,6 +898,7 @@ pub fn run(opts: &EvalOptions, models: &EvalModels) -> anyhow::Result<Preference
         ranker: ranker_eval,
         judge: judge_acc,
         generation,
+        generation_split: opts.generation_split,
         encoder: encoder_name.to_string(),
         k,
         tau,
@@ -991,7 +1003,8 @@ pub fn markdown(r: &PreferenceReport) -> String {
         let _ = writeln!(s);
     }
     if let Some(j) = &r.judge {
-        let _ = writeln!(s, "## Generation, test displays\n");
+        let split = r.generation_split.as_str();
+        let _ = writeln!(s, "## Generation, {split} displays\n");
         let _ = writeln!(
             s,
             "Judges (an encoder trained in a separate run): on the {} ground-truth drawings, style {}, identity {}, text agreement {}.\n",
@@ -1021,7 +1034,7 @@ pub fn markdown(r: &PreferenceReport) -> String {
         }
         let _ = writeln!(
             s,
-            "\nStyle: the judge's vendor is the user's for the category. Identity: the judge's content is nearest to the reference emoji's (mean over vendors) among every test emoji; text agreement: nearest to its name. Ranker score: σ(personalization) against the retrieval-weighted preference. History similarity: mean cosine to the user's history drawings (CIS-style)."
+            "\nStyle: the judge's vendor is the user's for the category. Identity: the judge's content is nearest to the reference emoji's (mean over vendors) among every {split} emoji; text agreement: nearest to its name. Ranker score: σ(personalization) against the retrieval-weighted preference. History similarity: mean cosine to the user's history drawings (CIS-style)."
         );
         let _ = writeln!(s);
     }
@@ -1140,6 +1153,7 @@ mod tests {
             taus: vec![0.1],
             match_dims: vec![0, 384],
             best_of: 2,
+            generation_split: Split::Test,
         };
         let r = run(
             &opts,
@@ -1209,8 +1223,10 @@ mod tests {
                 history_similarity: 0.4,
                 seconds_per_image: 0.01,
             }],
+            generation_split: Split::Val,
         };
         let md = markdown(&r);
+        assert!(md.contains("## Generation, val displays"), "{md}");
         assert!(md.contains("+20.0 points"), "{md}");
         assert_eq!(md.lines().filter(|l| l.starts_with("| test")).count(), 2);
         assert!(

@@ -73,9 +73,16 @@ enum Command {
         /// Sampling steps of the generators (0: each bundle's default).
         #[arg(long, default_value_t = 0)]
         steps: usize,
+        /// Style guidance scale of the generators (unset: each bundle's default).
+        #[arg(long)]
+        guidance: Option<f32>,
         /// Candidates per display in the best-of-N rows.
         #[arg(long, default_value_t = 4)]
         best_of: usize,
+        /// The displays of the generation rows: `test` for the report, `val` for choosing
+        /// sampling settings (steps, guidance, best-of) without looking at test.
+        #[arg(long, default_value = "test", value_parser = ["val", "test"])]
+        generation_split: String,
         #[arg(long, default_value = "data/eval")]
         out: PathBuf,
         #[arg(long, default_value_t = 300)]
@@ -655,7 +662,9 @@ fn main() -> anyhow::Result<()> {
             generator_dir,
             finetuned_dir,
             steps,
+            guidance,
             best_of,
+            generation_split,
             out,
             users,
             history,
@@ -696,15 +705,22 @@ fn main() -> anyhow::Result<()> {
                 taus: tau,
                 match_dims,
                 best_of,
+                generation_split: if generation_split == "val" {
+                    ragar::data::Split::Val
+                } else {
+                    ragar::data::Split::Test
+                },
             };
             let steps = (steps > 0).then_some(steps);
             let load_generator = |dir: &std::path::Path| -> anyhow::Result<
                 Option<ragar::model::diffusion::StyleDiffusion>,
             > {
                 if dir.join("config.json").is_file() {
-                    Ok(Some(ragar::model::diffusion::StyleDiffusion::load(
-                        dir, steps,
-                    )?))
+                    let g = ragar::model::diffusion::StyleDiffusion::load(dir, steps)?;
+                    Ok(Some(match guidance {
+                        Some(scale) => g.with_guidance(scale)?,
+                        None => g,
+                    }))
                 } else {
                     eprintln!(
                         "no generator bundle in {}: its rows are left out",

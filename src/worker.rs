@@ -110,6 +110,12 @@ impl Models {
                 let steps = (cfg.generator_steps > 0).then_some(cfg.generator_steps);
                 let generator = StyleDiffusion::load(&cfg.generator_dir, steps)
                     .map_err(|e| invalid("models.generator_dir", e.to_string()))?;
+                let generator = match cfg.generator_guidance {
+                    Some(g) => generator
+                        .with_guidance(g)
+                        .map_err(|e| invalid("models.generator_guidance", e.to_string()))?,
+                    None => generator,
+                };
                 if generator.config().embedding_dim != encoder.dim() {
                     return Err(invalid(
                         "models.generator_dir",

@@ -53,6 +53,10 @@ pub struct GeneratorConfig {
     pub time_features: usize,
     /// Sampling steps when the caller does not say.
     pub steps: usize,
+    /// Style guidance scale `g` when the caller does not say (0: none); see
+    /// [`StyleNet::sample_guided`].
+    #[serde(default)]
+    pub guidance: f32,
     /// How the bundle was made (command and seed), for the record.
     #[serde(default)]
     pub provenance: String,
@@ -83,6 +87,7 @@ impl GeneratorConfig {
             style_dim,
             time_features: 16,
             steps: 4,
+            guidance: 0.0,
             provenance: String::new(),
         }
     }
@@ -105,7 +110,17 @@ impl GeneratorConfig {
         if self.time_features == 0 || self.time_features % 2 != 0 || self.steps == 0 {
             return Err("time_features must be even and > 0, steps > 0".into());
         }
+        check_guidance(self.guidance)?;
         Ok(())
+    }
+}
+
+/// A guidance scale is finite and in [0, 8].
+pub fn check_guidance(g: f32) -> Result<(), String> {
+    if g.is_finite() && (0.0..=8.0).contains(&g) {
+        Ok(())
+    } else {
+        Err(format!("guidance {g} must be in [0, 8]"))
     }
 }
 
@@ -215,8 +230,35 @@ impl StyleNet {
         steps: usize,
         cancel: Option<&CancellationToken>,
     ) -> Result<Tensor, ModelError> {
+        self.sample_guided(reference, style, None, noise, steps, cancel)
+    }
+
+    /// [`Self::sample`] with style guidance: given `(own, g)`, the reference's own style block
+    /// `own` (`[b, style_dim]`) and a scale `g > 0`, every step's estimate is pushed along the
+    /// difference the preference makes, `x̂₀ = x̂₀(style) + g · (x̂₀(style) − x̂₀(own))`, the
+    /// guidance of classifier-free sampling with the reference's own style as the negative
+    /// condition. What the preference changes is amplified; what both conditions keep (the
+    /// emoji) is not. One forward pass over both conditions per step.
+    pub fn sample_guided(
+        &self,
+        reference: &Tensor,
+        style: &Tensor,
+        guide: Option<(&Tensor, f32)>,
+        noise: Tensor,
+        steps: usize,
+        cancel: Option<&CancellationToken>,
+    ) -> Result<Tensor, ModelError> {
         let b = reference.dim(0)?;
         let steps = steps.max(1);
+        let guide = guide.filter(|(_, g)| *g > 0.0);
+        // With guidance, both conditions in one batch: [style; own].
+        let (reference2, style2) = match guide {
+            Some((own, _)) => (
+                Tensor::cat(&[reference, reference], 0)?,
+                Tensor::cat(&[style, own], 0)?,
+            ),
+            None => (reference.clone(), style.clone()),
+        };
         let mut x = noise;
         for i in 0..steps {
             if cancel.is_some_and(|c| c.is_cancelled()) {
@@ -224,8 +266,19 @@ impl StyleNet {
             }
             let t = 1.0 - i as f64 / steps as f64;
             let t_next = 1.0 - (i + 1) as f64 / steps as f64;
-            let tt = Tensor::full(t as f32, b, reference.device())?;
-            let x0 = self.forward(reference, &x, style, &tt)?;
+            let x0 = match guide {
+                None => {
+                    let tt = Tensor::full(t as f32, b, reference.device())?;
+                    self.forward(reference, &x, style, &tt)?
+                }
+                Some((_, g)) => {
+                    let tt = Tensor::full(t as f32, 2 * b, reference.device())?;
+                    let both =
+                        self.forward(&reference2, &Tensor::cat(&[&x, &x], 0)?, &style2, &tt)?;
+                    let (cond, own) = (both.narrow(0, 0, b)?, both.narrow(0, b, b)?);
+                    ((&cond - &own)?.affine(g as f64, 0.0)? + cond)?
+                }
+            };
             if i + 1 == steps {
                 x = x0;
                 break;
@@ -313,12 +366,12 @@ pub fn seeded_noise(seed: u64, len: usize) -> Vec<f32> {
         .collect()
 }
 
-/// The style condition of one request: the preference's style block (else the reference's),
-/// L2-normalized; zeros when both are zero.
-pub fn style_condition(
+/// The style conditions of one request, each L2-normalized (zeros when zero): the preference's
+/// style block (else the reference's), and the reference's own (the negative of guidance).
+pub fn style_conditions(
     config: &GeneratorConfig,
     request: &GenerationRequest,
-) -> Result<Vec<f32>, ModelError> {
+) -> Result<(Vec<f32>, Vec<f32>), ModelError> {
     let block = |v: &[f32]| -> Result<Vec<f32>, ModelError> {
         if v.len() != config.embedding_dim {
             return Err(ModelError::Unsupported(format!(
@@ -336,13 +389,18 @@ pub fn style_condition(
         })
     };
     let own = block(&request.reference_embedding)?;
-    match &request.preference {
+    let style = match &request.preference {
         Some(p) => {
             let s = block(p)?;
-            Ok(if s.iter().all(|x| *x == 0.0) { own } else { s })
+            if s.iter().all(|x| *x == 0.0) {
+                own.clone()
+            } else {
+                s
+            }
         }
-        None => Ok(own),
-    }
+        None => own.clone(),
+    };
+    Ok((style, own))
 }
 
 /// Converts `[b, 3, r, r]` values in [-1, 1] to images.
@@ -374,7 +432,19 @@ pub struct StyleDiffusion {
     net: StyleNet,
     device: Device,
     steps: usize,
+    guidance: f32,
+    /// `generator:<dir name>`; `version` adds the sampling settings.
+    bundle: String,
     version: String,
+}
+
+/// `bundle@steps`, and `+g<scale>` when guided: the version names what makes the images.
+fn sampling_version(bundle: &str, steps: usize, guidance: f32) -> String {
+    if guidance > 0.0 {
+        format!("{bundle}@{steps}+g{guidance}")
+    } else {
+        format!("{bundle}@{steps}")
+    }
 }
 
 /// Candidates sampled together at most (memory stays bounded for large display batches).
@@ -391,15 +461,26 @@ impl StyleDiffusion {
                 "sampling steps must be at least 1".into(),
             ));
         }
+        let guidance = config.guidance;
         let net = StyleNet::new(config, vb)
             .map_err(|e| ModelError::Bundle(format!("{}: {e}", dir.display())))?;
-        let version = format!("{}@{steps}", bundle_version("generator", dir));
+        let bundle = bundle_version("generator", dir);
         Ok(StyleDiffusion {
             net,
             device,
             steps,
-            version,
+            guidance,
+            version: sampling_version(&bundle, steps, guidance),
+            bundle,
         })
+    }
+
+    /// Overrides the bundle's style guidance scale (see [`StyleNet::sample_guided`]).
+    pub fn with_guidance(mut self, guidance: f32) -> Result<StyleDiffusion, ModelError> {
+        check_guidance(guidance).map_err(ModelError::Unsupported)?;
+        self.guidance = guidance;
+        self.version = sampling_version(&self.bundle, self.steps, guidance);
+        Ok(self)
     }
 
     pub fn config(&self) -> &GeneratorConfig {
@@ -423,23 +504,35 @@ impl Generator for StyleDiffusion {
         let mut rows: Vec<(usize, u64)> = Vec::new();
         let mut styles = Vec::with_capacity(batch.len());
         for (i, req) in batch.iter().enumerate() {
-            styles.push(style_condition(cfg, req)?);
+            styles.push(style_conditions(cfg, req)?);
             rows.extend(req.seeds.iter().map(|&s| (i, s)));
         }
         let mut images = Vec::with_capacity(rows.len());
         for chunk in rows.chunks(MAX_SAMPLES_PER_PASS) {
             let refs: Vec<&Image> = chunk.iter().map(|(i, _)| &*batch[*i].reference).collect();
             let reference = images_to_tensor(&refs, cfg.resolution, &self.device)?;
-            let style: Vec<f32> = chunk.iter().flat_map(|(i, _)| styles[*i].clone()).collect();
-            let style = Tensor::from_vec(style, (chunk.len(), cfg.style_dim), &self.device)?;
+            let block = |pick: fn(&(Vec<f32>, Vec<f32>)) -> &Vec<f32>| {
+                let v: Vec<f32> = chunk
+                    .iter()
+                    .flat_map(|(i, _)| pick(&styles[*i]).iter().copied())
+                    .collect();
+                Tensor::from_vec(v, (chunk.len(), cfg.style_dim), &self.device)
+            };
+            let style = block(|s| &s.0)?;
+            let own = block(|s| &s.1)?;
             let noise: Vec<f32> = chunk
                 .iter()
                 .flat_map(|(_, seed)| seeded_noise(*seed, 3 * r * r))
                 .collect();
             let noise = Tensor::from_vec(noise, (chunk.len(), 3, r, r), &self.device)?;
-            let out = self
-                .net
-                .sample(&reference, &style, noise, self.steps, Some(cancel))?;
+            let out = self.net.sample_guided(
+                &reference,
+                &style,
+                Some((&own, self.guidance)),
+                noise,
+                self.steps,
+                Some(cancel),
+            )?;
             images.extend(tensor_to_images(&out)?);
         }
         Ok(super::per_request(batch, images))
@@ -576,22 +669,88 @@ pub(crate) mod tests {
         let cfg = tiny_config();
         let mut req = request(vec![1], [0.0, 3.0, 0.0, 4.0]);
         assert_eq!(
-            style_condition(&cfg, &req).unwrap(),
+            style_conditions(&cfg, &req).unwrap().0,
             vec![0.0, 0.6, 0.0, 0.8]
         );
         req.preference = Some(Arc::from(vec![1.0, 0.0, 0.0, 0.0, 0.0, 0.0]));
         assert_eq!(
-            style_condition(&cfg, &req).unwrap(),
+            style_conditions(&cfg, &req).unwrap().0,
             vec![0.0, 1.0, 0.0, 0.0]
         );
         req.preference = None;
         assert_eq!(
-            style_condition(&cfg, &req).unwrap(),
+            style_conditions(&cfg, &req).unwrap().0,
             vec![0.0, 1.0, 0.0, 0.0]
         );
         req.preference = Some(Arc::from(vec![1.0; 9]));
-        let err = style_condition(&cfg, &req).unwrap_err().to_string();
+        let err = style_conditions(&cfg, &req).unwrap_err().to_string();
         assert!(err.contains("6-value") && err.contains("got 9"), "{err}");
+    }
+
+    #[test]
+    fn guidance_amplifies_only_what_the_preference_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        save_bundle(dir.path(), &tiny_config(), 5);
+        let cancel = CancellationToken::new();
+        let plain = StyleDiffusion::load(dir.path(), None).unwrap();
+        let guided = StyleDiffusion::load(dir.path(), None)
+            .unwrap()
+            .with_guidance(2.0)
+            .unwrap();
+        assert!(guided.version().ends_with("@3+g2"), "{}", guided.version());
+        let image = |g: &StyleDiffusion, req: &GenerationRequest| {
+            g.generate(std::slice::from_ref(req), &cancel).unwrap()[0][0]
+                .image
+                .clone()
+        };
+        // A preference whose style is the reference's own: nothing to amplify.
+        let same = request(vec![4], [0.0, 1.0, 0.0, 0.0]);
+        assert_eq!(image(&guided, &same), image(&plain, &same));
+        // Another style: guidance moves the image further from the reference, deterministically.
+        let other = request(vec![4], [1.0, 0.0, 0.0, 0.0]);
+        let (a, b) = (image(&plain, &other), image(&guided, &other));
+        assert_ne!(a, b);
+        assert_eq!(image(&guided, &other), b);
+        // One step: the guided image's residual from the own-style image is (1 + g) times the
+        // plain one's, up to clamping and rounding.
+        let one = |g: f32| {
+            StyleDiffusion::load(dir.path(), Some(1))
+                .unwrap()
+                .with_guidance(g)
+                .unwrap()
+        };
+        let own = image(&one(0.0), &same);
+        let dist = |img: &Image| -> f64 {
+            img.rgb
+                .iter()
+                .zip(&own.rgb)
+                .map(|(x, y)| (*x as f64 - *y as f64).abs())
+                .sum::<f64>()
+        };
+        let (d_plain, d_guided) = (
+            dist(&image(&one(0.0), &other)),
+            dist(&image(&one(2.0), &other)),
+        );
+        assert!(
+            d_plain > 0.0 && d_guided > 1.5 * d_plain,
+            "{d_guided} vs {d_plain}"
+        );
+        // Guidance 0 is the plain sampler; out-of-range scales are refused.
+        let zero = StyleDiffusion::load(dir.path(), None)
+            .unwrap()
+            .with_guidance(0.0)
+            .unwrap();
+        assert_eq!(image(&zero, &other), a);
+        assert_eq!(zero.version(), plain.version());
+        for bad in [-1.0, f32::NAN, 9.0] {
+            let err = StyleDiffusion::load(dir.path(), None)
+                .unwrap()
+                .with_guidance(bad)
+                .err()
+                .expect("refused")
+                .to_string();
+            assert!(err.contains("guidance"), "{err}");
+        }
     }
 
     #[test]
