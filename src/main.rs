@@ -705,11 +705,7 @@ fn main() -> anyhow::Result<()> {
                 taus: tau,
                 match_dims,
                 best_of,
-                generation_split: if generation_split == "val" {
-                    ragar::data::Split::Val
-                } else {
-                    ragar::data::Split::Test
-                },
+                generation_split: generation_split.parse()?,
             };
             let steps = (steps > 0).then_some(steps);
             let load_generator = |dir: &std::path::Path| -> anyhow::Result<

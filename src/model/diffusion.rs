@@ -250,14 +250,14 @@ impl StyleNet {
     ) -> Result<Tensor, ModelError> {
         let b = reference.dim(0)?;
         let steps = steps.max(1);
-        let guide = guide.filter(|(_, g)| *g > 0.0);
-        // With guidance, both conditions in one batch: [style; own].
-        let (reference2, style2) = match guide {
-            Some((own, _)) => (
+        // With guidance, both conditions in one batch: references twice, styles [style; own].
+        let guide = match guide.filter(|(_, g)| *g > 0.0) {
+            Some((own, g)) => Some((
                 Tensor::cat(&[reference, reference], 0)?,
                 Tensor::cat(&[style, own], 0)?,
-            ),
-            None => (reference.clone(), style.clone()),
+                g,
+            )),
+            None => None,
         };
         let mut x = noise;
         for i in 0..steps {
@@ -266,17 +266,17 @@ impl StyleNet {
             }
             let t = 1.0 - i as f64 / steps as f64;
             let t_next = 1.0 - (i + 1) as f64 / steps as f64;
-            let x0 = match guide {
+            let x0 = match &guide {
                 None => {
                     let tt = Tensor::full(t as f32, b, reference.device())?;
                     self.forward(reference, &x, style, &tt)?
                 }
-                Some((_, g)) => {
+                Some((references, styles, g)) => {
                     let tt = Tensor::full(t as f32, 2 * b, reference.device())?;
                     let both =
-                        self.forward(&reference2, &Tensor::cat(&[&x, &x], 0)?, &style2, &tt)?;
+                        self.forward(references, &Tensor::cat(&[&x, &x], 0)?, styles, &tt)?;
                     let (cond, own) = (both.narrow(0, 0, b)?, both.narrow(0, b, b)?);
-                    ((&cond - &own)?.affine(g as f64, 0.0)? + cond)?
+                    ((&cond - &own)?.affine(*g as f64, 0.0)? + cond)?
                 }
             };
             if i + 1 == steps {
@@ -390,17 +390,10 @@ pub fn style_conditions(
     };
     let own = block(&request.reference_embedding)?;
     let style = match &request.preference {
-        Some(p) => {
-            let s = block(p)?;
-            if s.iter().all(|x| *x == 0.0) {
-                own.clone()
-            } else {
-                s
-            }
-        }
-        None => own.clone(),
+        Some(p) => Some(block(p)?).filter(|s| s.iter().any(|x| *x != 0.0)),
+        None => None,
     };
-    Ok((style, own))
+    Ok((style.unwrap_or_else(|| own.clone()), own))
 }
 
 /// Converts `[b, 3, r, r]` values in [-1, 1] to images.
@@ -519,7 +512,8 @@ impl Generator for StyleDiffusion {
                 Tensor::from_vec(v, (chunk.len(), cfg.style_dim), &self.device)
             };
             let style = block(|s| &s.0)?;
-            let own = block(|s| &s.1)?;
+            // The negative condition, only when guidance uses it.
+            let own = (self.guidance > 0.0).then(|| block(|s| &s.1)).transpose()?;
             let noise: Vec<f32> = chunk
                 .iter()
                 .flat_map(|(_, seed)| seeded_noise(*seed, 3 * r * r))
@@ -528,7 +522,7 @@ impl Generator for StyleDiffusion {
             let out = self.net.sample_guided(
                 &reference,
                 &style,
-                Some((&own, self.guidance)),
+                own.as_ref().map(|own| (own, self.guidance)),
                 noise,
                 self.steps,
                 Some(cancel),
