@@ -11,7 +11,7 @@
 //! stops reading; if that lasts `kafka.pause_after`, it pauses its partitions and keeps polling,
 //! so it stays in its group without buffering, and resumes at half the limit.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,43 @@ use crate::telemetry::{names, now_ms, Health};
 /// The most messages the consumer loop takes in one go without awaiting (those librdkafka has
 /// already fetched), between its checks of failures, offsets and the in-flight limit.
 const DRAIN_MAX: usize = 256;
+
+/// Time the consumer spends throttled by backpressure (holding off reading, or paused), on the
+/// loop's own clock: whatever state an iteration leaves lasts until the next one. Exported as a
+/// counter of whole seconds, so that "throttled most of the last 15 minutes" is a rate, whether
+/// the consumer stays paused or cycles between pausing and resuming.
+#[derive(Debug)]
+struct ThrottleClock {
+    last: Instant,
+    throttled: bool,
+    /// Throttled time not yet exported (under a second).
+    pending: Duration,
+}
+
+impl ThrottleClock {
+    fn new(now: Instant) -> ThrottleClock {
+        ThrottleClock {
+            last: now,
+            throttled: false,
+            pending: Duration::ZERO,
+        }
+    }
+
+    /// Records the state the loop is in from `now` on; returns the throttled time since the last
+    /// call and the whole seconds of it (with earlier remainders) that are due to the counter.
+    fn observe(&mut self, throttled: bool, now: Instant) -> (Duration, u64) {
+        let mut elapsed = Duration::ZERO;
+        if self.throttled {
+            elapsed = now.saturating_duration_since(self.last);
+            self.pending += elapsed;
+        }
+        self.last = now;
+        self.throttled = throttled;
+        let whole = self.pending.as_secs();
+        self.pending -= Duration::from_secs(whole);
+        (elapsed, whole)
+    }
+}
 
 /// A consumed message, owned, with the token that completes it.
 #[derive(Debug, Clone)]
@@ -231,6 +268,8 @@ pub struct Ingest {
     consumer: StreamConsumer<IngestContext>,
     acks: Arc<Acks>,
     paused: Arc<AtomicBool>,
+    /// Microseconds spent throttled ([`ThrottleClock`]).
+    throttled_us: AtomicU64,
     max_in_flight: usize,
     pause_after: Duration,
     commit_interval: Duration,
@@ -257,6 +296,7 @@ impl Ingest {
             consumer,
             acks,
             paused,
+            throttled_us: AtomicU64::new(0),
             max_in_flight: cfg.max_in_flight,
             pause_after: cfg.pause_after,
             commit_interval: cfg.commit_interval,
@@ -282,6 +322,7 @@ impl Ingest {
         let exactly_once = self.consumer.context().txn.is_some();
         // When the in-flight limit was reached with the partitions still flowing.
         let mut held_since: Option<Instant> = None;
+        let mut clock = ThrottleClock::new(Instant::now());
         loop {
             if let Some(e) = self.take_failure() {
                 return Err(e);
@@ -290,6 +331,12 @@ impl Ingest {
                 self.store_advanced();
             }
             let holding = self.apply_backpressure(&mut held_since);
+            let (elapsed, seconds) = clock.observe(holding || self.paused(), Instant::now());
+            self.throttled_us
+                .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+            if seconds > 0 {
+                metrics::counter!(names::THROTTLED_SECONDS).increment(seconds);
+            }
             // While holding, wake when the hold has lasted long enough to pause instead.
             let hold_deadline =
                 held_since.map(|t| tokio::time::Instant::from_std(t + self.pause_after));
@@ -460,6 +507,11 @@ impl Ingest {
         self.acks.in_flight()
     }
 
+    /// Time spent holding off reading or paused at `kafka.max_in_flight` so far.
+    pub fn throttled(&self) -> Duration {
+        Duration::from_micros(self.throttled_us.load(Ordering::Relaxed))
+    }
+
     /// Whether backpressure has the partitions paused right now.
     pub fn paused(&self) -> bool {
         self.paused.load(Ordering::SeqCst)
@@ -530,5 +582,27 @@ mod tests {
         let c = consumer_config(&cfg, false);
         assert_eq!(c.get("fetch.queue.backoff.ms"), Some("250"));
         assert_eq!(c.get("auto.offset.reset"), Some("latest"));
+    }
+
+    #[test]
+    fn throttle_clock_counts_only_throttled_spans_and_carries_fractions() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut c = ThrottleClock::new(t0);
+        // Flowing time is not counted.
+        assert_eq!(c.observe(true, at(5_000)), (Duration::ZERO, 0));
+        // 700 ms throttled: counted, under a second so nothing exported yet.
+        assert_eq!(c.observe(false, at(5_700)), (Duration::from_millis(700), 0));
+        assert_eq!(c.observe(true, at(9_000)), (Duration::ZERO, 0));
+        // Another 700 ms: 1.4 s in all, one whole second exported, 0.4 s carried.
+        assert_eq!(c.observe(true, at(9_700)), (Duration::from_millis(700), 1));
+        // Cycling between held and paused stays throttled: 2.6 s more makes 3 s.
+        assert_eq!(
+            c.observe(true, at(12_300)),
+            (Duration::from_millis(2_600), 3)
+        );
+        assert_eq!(c.pending, Duration::ZERO);
+        // A clock that went backwards adds nothing.
+        assert_eq!(c.observe(false, at(12_000)), (Duration::ZERO, 0));
     }
 }

@@ -34,6 +34,9 @@ pub mod names {
     pub const IN_FLIGHT: &str = "ragar_in_flight_messages";
     /// 1 while the consumer's partitions are paused for backpressure.
     pub const PAUSED: &str = "ragar_consumer_paused";
+    /// Seconds the consumer held off reading or had its partitions paused at
+    /// `kafka.max_in_flight` (its rate is the fraction of time throttled).
+    pub const THROTTLED_SECONDS: &str = "ragar_consumer_throttled_seconds_total";
     /// Consumer lag per `topic` and `partition`, from librdkafka statistics.
     pub const CONSUMER_LAG: &str = "ragar_consumer_lag_messages";
     /// Offsets committed (timer, revoke, shutdown) by `reason`.
@@ -115,6 +118,11 @@ fn describe() {
     describe_gauge!(
         names::PAUSED,
         "1 while partitions are paused for backpressure"
+    );
+    describe_counter!(
+        names::THROTTLED_SECONDS,
+        Unit::Seconds,
+        "Time the consumer held off reading or was paused at kafka.max_in_flight"
     );
     describe_gauge!(
         names::CONSUMER_LAG,

@@ -1,6 +1,7 @@
 //! Backpressure at the consumer, over the real Kafka protocol: work in flight never passes
 //! `kafka.max_in_flight`; a short stall only holds reading, a long one pauses the partitions
-//! (and the consumer keeps polling); completions resume it and nothing is lost or reordered.
+//! (and the consumer keeps polling); completions resume it and nothing is lost or reordered; the
+//! time spent throttled is counted.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -95,4 +96,10 @@ async fn in_flight_work_is_capped_then_paused_then_resumed_without_loss() {
     }
     stop.cancel();
     run.await.unwrap().unwrap();
+    // The hold before the pause alone lasted `pause_after`; the throttled-time counter saw it.
+    assert!(
+        ingest.throttled() + Duration::from_millis(50) >= cfg.kafka.pause_after,
+        "throttled {:?}",
+        ingest.throttled()
+    );
 }
