@@ -3,7 +3,9 @@
 //!
 //! `cargo bench --profile dev --bench ingest -- [EVENTS] [USERS]` (defaults 100000, 1000). Needs
 //! Redis on 127.0.0.1:6379 (or `RAGAR_BENCH_REDIS_URL`). Prints figures; asserts nothing.
-//! `RAGAR_BENCH_PERF=FILE` records the timed span with `perf record -g` into FILE.
+//! `RAGAR_BENCH_PERF=FILE` records the timed span with `perf record -g` into FILE
+//! (`RAGAR_BENCH_PERF_GRAPH=dwarf`: `--call-graph dwarf`, for callers through code built without
+//! frame pointers).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -178,6 +180,29 @@ async fn run(n: usize, users: usize) {
     cfg.telemetry.listen = "127.0.0.1:0".parse().unwrap();
     cfg.models.dim = DIM;
 
+    // An established deployment: earlier history in LanceDB, compacted and indexed (the worker's
+    // background maintenance builds the BTree indices a minute after start); merge-inserts then
+    // find existing event ids through the event_id index instead of joining the whole table.
+    // `RAGAR_BENCH_FRESH=1` starts from an empty, unindexed table instead.
+    if std::env::var_os("RAGAR_BENCH_FRESH").is_none() {
+        let store = ragar::history::lance::LanceStore::open(&cfg.lance.uri, DIM)
+            .await
+            .unwrap();
+        let earlier: Vec<ragar::history::HistoryEntry> = (0..n / 10)
+            .map(|i| ragar::history::HistoryEntry {
+                event_id: format!("earlier{i}"),
+                user_id: format!("user{}", i % users),
+                item_id: format!("it{}", i % 5000),
+                action: ragar::event::Action::Click,
+                ts_ms: 1_600_000_000_000 + i as i64,
+                embedding: (0..DIM).map(|_| rng.random_range(-1.0f32..1.0)).collect(),
+            })
+            .collect();
+        store.insert_interactions(&earlier).await.unwrap();
+        store.optimize().await.unwrap();
+        println!("LanceDB: {} earlier rows, indexed", earlier.len());
+    }
+
     // Every user has a complete hot window, so each event really lands in Redis.
     let hot = ragar::history::hot::Hot::new(&cfg.redis).unwrap();
     for u in 0..users {
@@ -222,8 +247,18 @@ async fn run(n: usize, users: usize) {
     let start_count = done();
     // RAGAR_BENCH_PERF=FILE: profile the process with `perf record` over the timed span alone.
     let perf = std::env::var("RAGAR_BENCH_PERF").ok().map(|out| {
+        let graph = std::env::var("RAGAR_BENCH_PERF_GRAPH").unwrap_or_else(|_| "fp".into());
         std::process::Command::new("perf")
-            .args(["record", "-F", "1999", "-g", "-o", &out, "-p"])
+            .args([
+                "record",
+                "-F",
+                "1999",
+                "--call-graph",
+                &graph,
+                "-o",
+                &out,
+                "-p",
+            ])
             .arg(std::process::id().to_string())
             .spawn()
             .expect("perf runs")

@@ -2,14 +2,14 @@
 //!
 //! Two tables live in one database: `interactions` (one row per event, with the item's embedding at
 //! the time, so preference retrieval never has to join against a catalog that may have changed since)
-//! and `items` (the catalog, one row per `item_id`). Events arrive at least once, so interactions are
-//! written with `merge_insert` keyed on `event_id` and inserting only unmatched rows: a replayed batch
-//! is a no-op instead of a duplicate. Items are upserted on `item_id`.
+//! and `items` (the catalog, one row per `item_id`). Events arrive at least once, so a batch of
+//! interactions first asks which of its `event_id`s are stored and appends only the others: a
+//! replayed batch is a no-op instead of a duplicate. Items are upserted on `item_id`.
 //!
 //! Every micro-batch write adds a data fragment, and reads slow down as fragments pile up, so
 //! [`LanceStore::optimize`] is meant to run in the background: it compacts both tables, prunes old
 //! versions, folds new rows into the indices and creates the BTree scalar indices that the
-//! `user_id` filters and the `event_id` / `item_id` merge joins rely on.
+//! `user_id` filters, the `event_id` lookups and the `item_id` merge join rely on.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -44,6 +44,8 @@ const INTERACTION_COLUMNS: &[&str] = &[
 /// Scalar indices that [`LanceStore::optimize`] keeps in place: `user_id` serves every per-user
 /// filter, `event_id` and `item_id` are the merge keys.
 const INTERACTION_INDEXED: &[&str] = &["user_id", "event_id"];
+/// Event ids per lookup query of [`LanceStore::insert_interactions`] (one `IN` list each).
+const EVENT_ID_LOOKUP_CHUNK: usize = 16_384;
 const ITEM_INDEXED: &[&str] = &["item_id"];
 
 #[derive(Debug, thiserror::Error)]
@@ -267,42 +269,67 @@ impl LanceStore {
         self.dim
     }
 
-    /// Inserts the entries whose event_id is not in the table yet (merge_insert on "event_id",
-    /// when_not_matched_insert_all only), deduplicating repeated event_ids inside `rows` first.
-    /// Returns how many rows were really inserted as lancedb reports it; an empty slice is a no-op.
+    /// Inserts the entries whose event_id is not in the table yet, deduplicating repeated
+    /// event_ids inside `rows` first; returns how many rows were inserted. An empty slice is a
+    /// no-op.
+    ///
+    /// The stored ids are looked up by a query on the `event_id` column alone (the BTree index
+    /// serves it once maintenance has built it), then the new rows are appended. A merge-insert
+    /// on `event_id` did the same in one call, but it moved every row, embeddings included,
+    /// through a hash repartition and join (three gathers of each embedding; over a fifth of
+    /// the worker's CPU in `benches/ingest.rs`, more once the index existed). Two writers that
+    /// commit the same new event at the same moment (only possible across a rebalance whose
+    /// drain timed out) can both append it; readers show an event once ([`Self::recent`],
+    /// [`Self::nearest`]).
     pub async fn insert_interactions(&self, rows: &[HistoryEntry]) -> Result<u64, LanceError> {
         if rows.is_empty() {
             return Ok(0);
         }
-        // The merge only compares the batch against the table, so duplicates inside the batch would
-        // all be inserted.
         let mut seen = HashSet::with_capacity(rows.len());
         let unique: Vec<&HistoryEntry> = rows
             .iter()
             .filter(|r| seen.insert(r.event_id.as_str()))
             .collect();
-        let batch = self.interactions_batch(&unique)?;
+        let stored = self.stored_event_ids(&unique).await?;
+        let fresh: Vec<&HistoryEntry> = unique
+            .into_iter()
+            .filter(|r| !stored.contains(r.event_id.as_str()))
+            .collect();
+        if fresh.is_empty() {
+            return Ok(0);
+        }
+        let batch = self.interactions_batch(&fresh)?;
+        self.interactions.add(batch).execute().await?;
+        Ok(fresh.len() as u64)
+    }
 
-        let mut merge = self.interactions.merge_insert(&["event_id"]);
-        merge.when_not_matched_insert_all();
-        let result = merge
-            .execute(Box::new(RecordBatchIterator::new(
-                vec![Ok(batch)],
-                self.interactions_schema.clone(),
-            )))
-            .await?;
-        if result.num_attempts > 1 {
-            tracing::debug!(
-                attempts = result.num_attempts,
-                "interactions merge_insert retried on commit conflicts"
-            );
+    /// The event ids among `rows` that the interactions table holds already.
+    async fn stored_event_ids(
+        &self,
+        rows: &[&HistoryEntry],
+    ) -> Result<HashSet<String>, LanceError> {
+        let mut stored = HashSet::new();
+        for chunk in rows.chunks(EVENT_ID_LOOKUP_CHUNK) {
+            let list: Vec<String> = chunk.iter().map(|r| sql_str(&r.event_id)).collect();
+            let batches: Vec<RecordBatch> = self
+                .interactions
+                .query()
+                .only_if(format!("event_id IN ({})", list.join(",")))
+                .select(Select::columns(&["event_id"]))
+                .execute()
+                .await?
+                .try_collect()
+                .await?;
+            for batch in &batches {
+                let ids = batch
+                    .column_by_name("event_id")
+                    .ok_or_else(|| ArrowError::SchemaError("no event_id column".into()))?
+                    .as_string_opt::<i32>()
+                    .ok_or_else(|| ArrowError::SchemaError("event_id is not a string".into()))?;
+                stored.extend(ids.iter().flatten().map(str::to_string));
+            }
         }
-        // Version 0 marks a backend that reports no statistics (legacy remote servers); the batch
-        // size is then the best available upper bound.
-        if result.version == 0 && result.num_inserted_rows == 0 {
-            return Ok(unique.len() as u64);
-        }
-        Ok(result.num_inserted_rows)
+        Ok(stored)
     }
 
     /// Upserts items by item_id (when_matched_update_all + when_not_matched_insert_all); the last one
