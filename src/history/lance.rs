@@ -984,6 +984,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn reinserting_a_batch_larger_than_a_lookup_finds_every_stored_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir).await;
+        // Over one lookup's worth of ids, across several writes, so that the lookup must return
+        // every stored id of the batch (no result limit, every chunk, every fragment).
+        let n = EVENT_ID_LOOKUP_CHUNK + 100;
+        let rows: Vec<HistoryEntry> = (0..n)
+            .map(|i| entry(&format!("e{i}"), "u1", "i1", i as i64, [1.0, 0.0, 0.0, 0.0]))
+            .collect();
+        let (first, second) = rows.split_at(n / 2);
+        assert_eq!(
+            store.insert_interactions(first).await.unwrap(),
+            first.len() as u64
+        );
+        assert_eq!(
+            store.insert_interactions(second).await.unwrap(),
+            second.len() as u64
+        );
+        assert_eq!(store.insert_interactions(&rows).await.unwrap(), 0);
+        let mut more = rows.clone();
+        more.push(entry("late", "u1", "i1", -1, [0.0, 1.0, 0.0, 0.0]));
+        assert_eq!(store.insert_interactions(&more).await.unwrap(), 1);
+        assert_eq!(store.count_interactions(None).await.unwrap(), n + 1);
+    }
+
+    #[tokio::test]
     async fn duplicate_event_ids_in_one_batch_are_stored_once() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir).await;
