@@ -181,8 +181,8 @@ async fn run(n: usize, users: usize) {
     cfg.models.dim = DIM;
 
     // An established deployment: earlier history in LanceDB, compacted and indexed (the worker's
-    // background maintenance builds the BTree indices a minute after start); merge-inserts then
-    // find existing event ids through the event_id index instead of joining the whole table.
+    // background maintenance builds the BTree indices a minute after start), so each write's
+    // lookup of stored event ids goes through the event_id index as it does in production.
     // `RAGAR_BENCH_FRESH=1` starts from an empty, unindexed table instead.
     if std::env::var_os("RAGAR_BENCH_FRESH").is_none() {
         let store = ragar::history::lance::LanceStore::open(&cfg.lance.uri, DIM)

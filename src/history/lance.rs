@@ -42,7 +42,7 @@ const INTERACTION_COLUMNS: &[&str] = &[
 ];
 
 /// Scalar indices that [`LanceStore::optimize`] keeps in place: `user_id` serves every per-user
-/// filter, `event_id` and `item_id` are the merge keys.
+/// filter, `event_id` serves the stored-id lookup of each write, `item_id` is the items' merge key.
 const INTERACTION_INDEXED: &[&str] = &["user_id", "event_id"];
 /// Event ids per lookup query of [`LanceStore::insert_interactions`] (one `IN` list each).
 const EVENT_ID_LOOKUP_CHUNK: usize = 16_384;
