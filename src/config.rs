@@ -340,6 +340,10 @@ pub struct ModelsConfig {
     /// Style guidance scale of the `diffusion` generator in [0, 8] (0: none); unset takes the
     /// bundle's default.
     pub generator_guidance: Option<f32>,
+    /// Identity guidance scale of the `diffusion` generator in [0, 1000] (0: none): every sampling
+    /// step climbs the `emoji` encoder's content cosine to the reference, so what is drawn stays
+    /// while the style changes.
+    pub generator_identity_guidance: f32,
     /// The `sd` generator's model: a Stable Diffusion directory in the diffusers layout
     /// (`unet/`, `vae/`, `text_encoder/`, `tokenizer/tokenizer.json`, `scheduler/`).
     pub sd_dir: PathBuf,
@@ -371,6 +375,7 @@ impl Default for ModelsConfig {
             generator_dir: PathBuf::from("models/generator"),
             generator_steps: 0,
             generator_guidance: None,
+            generator_identity_guidance: 0.0,
             sd_dir: PathBuf::from("models/stable-diffusion"),
             sd_steps: 20,
             sd_strength: 0.6,
@@ -717,6 +722,8 @@ impl Config {
             crate::model::diffusion::check_guidance(g)
                 .map_err(|e| invalid("models.generator_guidance", e))?;
         }
+        crate::model::diffusion::check_identity_guidance(m.generator_identity_guidance)
+            .map_err(|e| invalid("models.generator_identity_guidance", e))?;
         if !(m.sd_strength > 0.0 && m.sd_strength <= 1.0) {
             return Err(invalid(
                 "models.sd_strength",
@@ -960,6 +967,10 @@ mod tests {
         assert_eq!(
             err_key("[models]\ngenerator_guidance = 9.5\n", &[]),
             "models.generator_guidance"
+        );
+        assert_eq!(
+            err_key("[models]\ngenerator_identity_guidance = -3.0\n", &[]),
+            "models.generator_identity_guidance"
         );
         assert_eq!(
             err_key("[models]\nsd_steps = 800\nsd_strength = 0.5\n", &[]),

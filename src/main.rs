@@ -76,6 +76,10 @@ enum Command {
         /// Style guidance scale of the generators (unset: each bundle's default).
         #[arg(long)]
         guidance: Option<f32>,
+        /// Identity guidance scale of the generators, through the item encoder's content head
+        /// (0: none).
+        #[arg(long, default_value_t = 0.0)]
+        identity_guidance: f32,
         /// Candidates per display in the best-of-N rows.
         #[arg(long, default_value_t = 4)]
         best_of: usize,
@@ -663,6 +667,7 @@ fn main() -> anyhow::Result<()> {
             finetuned_dir,
             steps,
             guidance,
+            identity_guidance,
             best_of,
             generation_split,
             out,
@@ -713,10 +718,14 @@ fn main() -> anyhow::Result<()> {
             > {
                 if dir.join("config.json").is_file() {
                     let g = ragar::model::diffusion::StyleDiffusion::load(dir, steps)?;
-                    Ok(Some(match guidance {
+                    let g = match guidance {
                         Some(scale) => g.with_guidance(scale)?,
                         None => g,
-                    }))
+                    };
+                    Ok(Some(g.with_identity_guidance(
+                        encoder.clone(),
+                        identity_guidance,
+                    )?))
                 } else {
                     eprintln!(
                         "no generator bundle in {}: its rows are left out",

@@ -80,6 +80,9 @@ impl Models {
                 ))
             }
         };
+        // The `emoji` encoder by its own type too: the diffusion generator's identity guidance
+        // runs its content head.
+        let mut emoji: Option<Arc<EmojiEncoder>> = None;
         let encoder: Option<Arc<dyn ItemEncoder>> = match cfg.encoder.as_str() {
             "none" => None,
             "minilm" => {
@@ -94,7 +97,9 @@ impl Models {
                 let encoder = EmojiEncoder::load(&cfg.encoder_dir, Some(text))
                     .map_err(|e| invalid("models.encoder_dir", e.to_string()))?;
                 check_dim("emoji", encoder.dim())?;
-                Some(Arc::new(encoder))
+                let encoder = Arc::new(encoder);
+                emoji = Some(encoder.clone());
+                Some(encoder)
             }
             other => return Err(unknown("models.encoder", other, "none, minilm, emoji")),
         };
@@ -115,6 +120,14 @@ impl Models {
                         .with_guidance(g)
                         .map_err(|e| invalid("models.generator_guidance", e.to_string()))?,
                     None => generator,
+                };
+                let generator = match (&emoji, cfg.generator_identity_guidance) {
+                    (Some(emoji), s) if s > 0.0 => generator
+                        .with_identity_guidance(emoji.clone(), s)
+                        .map_err(|e| {
+                            invalid("models.generator_identity_guidance", e.to_string())
+                        })?,
+                    _ => generator,
                 };
                 if generator.config().embedding_dim != encoder.dim() {
                     return Err(invalid(

@@ -22,14 +22,19 @@
 
 use std::path::Path;
 
-use candle_core::{Device, Module, Tensor};
+use std::sync::Arc;
+
+use candle_core::{Device, Module, Tensor, Var};
 use candle_nn::{conv2d, linear, Conv2d, Conv2dConfig, Linear, VarBuilder};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::emoji::{bundle_version, images_to_tensor, load_bundle, BundleConfig};
+use super::emoji::{
+    bundle_version, images_to_tensor, load_bundle, BundleConfig, EmojiEncoder, EmojiNet,
+};
+use super::minilm::l2_normalize;
 use super::{Candidate, GenerationRequest, Generator, Image, ModelError};
 
 /// Layout version of the bundle.
@@ -121,6 +126,16 @@ pub fn check_guidance(g: f32) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!("guidance {g} must be in [0, 8]"))
+    }
+}
+
+/// An identity guidance scale is finite and in [0, 1000] (the gradient of a cosine over every
+/// pixel is small: useful scales run to the hundreds).
+pub fn check_identity_guidance(s: f32) -> Result<(), String> {
+    if s.is_finite() && (0.0..=1000.0).contains(&s) {
+        Ok(())
+    } else {
+        Err(format!("identity guidance {s} must be in [0, 1000]"))
     }
 }
 
@@ -230,33 +245,50 @@ impl StyleNet {
         steps: usize,
         cancel: Option<&CancellationToken>,
     ) -> Result<Tensor, ModelError> {
-        self.sample_guided(reference, style, None, noise, steps, cancel)
+        self.sample_guided(reference, style, Guidance::default(), noise, steps, cancel)
     }
 
-    /// [`Self::sample`] with style guidance: given `(own, g)`, the reference's own style block
-    /// `own` (`[b, style_dim]`) and a scale `g > 0`, every step's estimate is pushed along the
-    /// difference the preference makes, `x̂₀ = x̂₀(style) + g · (x̂₀(style) − x̂₀(own))`, the
-    /// guidance of classifier-free sampling with the reference's own style as the negative
-    /// condition. What the preference changes is amplified; what both conditions keep (the
-    /// emoji) is not. One forward pass over both conditions per step.
+    /// [`Self::sample`] steered by `guide` (see [`Guidance`]).
+    ///
+    /// Style guidance: given the reference's own style block `own` (`[b, style_dim]`) and a scale
+    /// `g > 0`, every step's estimate is pushed along the difference the preference makes,
+    /// `x̂₀ = x̂₀(style) + g · (x̂₀(style) − x̂₀(own))`, the guidance of classifier-free sampling
+    /// with the reference's own style as the negative condition. What the preference changes is
+    /// amplified; what both conditions keep (the emoji) is not. One forward pass over both
+    /// conditions per step.
+    ///
+    /// Identity guidance: given the item encoder and a scale `s > 0`, every step's estimate then
+    /// climbs the cosine between the encoder's content of the image it implies and the
+    /// reference's, `x̂₀ += s · ∇ Σ cos(content(reference + x̂₀), content(reference))`: the
+    /// guidance of classifier-guided sampling with the encoder's content head as the classifier.
+    /// The style may change; what is drawn is held to the reference. One forward and backward
+    /// pass of the encoder per step.
     pub fn sample_guided(
         &self,
         reference: &Tensor,
         style: &Tensor,
-        guide: Option<(&Tensor, f32)>,
+        guide: Guidance,
         noise: Tensor,
         steps: usize,
         cancel: Option<&CancellationToken>,
     ) -> Result<Tensor, ModelError> {
         let b = reference.dim(0)?;
         let steps = steps.max(1);
-        // With guidance, both conditions in one batch: references twice, styles [style; own].
-        let guide = match guide.filter(|(_, g)| *g > 0.0) {
+        // With style guidance, both conditions in one batch: references twice, styles [style; own].
+        let style_guide = match guide.style.filter(|(_, g)| *g > 0.0) {
             Some((own, g)) => Some((
                 Tensor::cat(&[reference, reference], 0)?,
                 Tensor::cat(&[style, own], 0)?,
                 g,
             )),
+            None => None,
+        };
+        // With identity guidance, the reference's normalized content: what every step holds to.
+        let identity = match guide.identity.filter(|(_, s)| *s > 0.0) {
+            Some((encoder, s)) => {
+                let target = l2_normalize(&encoder.forward(reference)?.content)?.detach();
+                Some((encoder, target, s))
+            }
             None => None,
         };
         let mut x = noise;
@@ -266,7 +298,7 @@ impl StyleNet {
             }
             let t = 1.0 - i as f64 / steps as f64;
             let t_next = 1.0 - (i + 1) as f64 / steps as f64;
-            let x0 = match &guide {
+            let mut x0 = match &style_guide {
                 None => {
                     let tt = Tensor::full(t as f32, b, reference.device())?;
                     self.forward(reference, &x, style, &tt)?
@@ -279,6 +311,9 @@ impl StyleNet {
                     ((&cond - &own)?.affine(*g as f64, 0.0)? + cond)?
                 }
             };
+            if let Some((encoder, target, s)) = &identity {
+                x0 = hold_identity(encoder, reference, target, x0, *s)?;
+            }
             if i + 1 == steps {
                 x = x0;
                 break;
@@ -289,6 +324,35 @@ impl StyleNet {
         }
         Ok((reference + x)?.clamp(-1f32, 1f32)?)
     }
+}
+
+/// What steers [`StyleNet::sample_guided`] besides the preference's style; the default is
+/// neither (plain sampling).
+#[derive(Clone, Copy, Default)]
+pub struct Guidance<'a> {
+    /// The reference's own style block (`[b, style_dim]`) and the style guidance scale.
+    pub style: Option<(&'a Tensor, f32)>,
+    /// The item encoder and the identity guidance scale.
+    pub identity: Option<(&'a EmojiNet, f32)>,
+}
+
+/// One identity guidance step: `x0 + s · ∇ Σ cos(content(reference + x0), target)`, the gradient
+/// taken with respect to `x0` alone (a detached copy; the result carries no graph).
+fn hold_identity(
+    encoder: &EmojiNet,
+    reference: &Tensor,
+    target: &Tensor,
+    x0: Tensor,
+    s: f32,
+) -> candle_core::Result<Tensor> {
+    let var = Var::from_tensor(&x0.detach())?;
+    let content = l2_normalize(&encoder.forward(&(reference + var.as_tensor())?)?.content)?;
+    let cos = (content * target)?.sum_all()?;
+    let grads = cos.backward()?;
+    let grad = grads
+        .get(var.as_tensor())
+        .ok_or_else(|| candle_core::Error::Msg("identity guidance: no gradient".into()))?;
+    Ok((var.as_tensor() + (grad * s as f64)?)?.detach())
 }
 
 /// Values of one patch matrix at most (1 MiB): larger ones ran slower per image, out of cache.
@@ -426,18 +490,24 @@ pub struct StyleDiffusion {
     device: Device,
     steps: usize,
     guidance: f32,
+    /// The item encoder and the identity guidance scale, when identity guidance is on.
+    identity: Option<(Arc<EmojiEncoder>, f32)>,
     /// `generator:<dir name>`; `version` adds the sampling settings.
     bundle: String,
     version: String,
 }
 
-/// `bundle@steps`, and `+g<scale>` when guided: the version names what makes the images.
-fn sampling_version(bundle: &str, steps: usize, guidance: f32) -> String {
+/// `bundle@steps`, then `+g<scale>` with style guidance and `+id<scale>` with identity guidance:
+/// the version names what makes the images.
+fn sampling_version(bundle: &str, steps: usize, guidance: f32, identity: f32) -> String {
+    let mut v = format!("{bundle}@{steps}");
     if guidance > 0.0 {
-        format!("{bundle}@{steps}+g{guidance}")
-    } else {
-        format!("{bundle}@{steps}")
+        v.push_str(&format!("+g{guidance}"));
     }
+    if identity > 0.0 {
+        v.push_str(&format!("+id{identity}"));
+    }
+    v
 }
 
 /// Candidates sampled together at most (memory stays bounded for large display batches).
@@ -463,7 +533,8 @@ impl StyleDiffusion {
             device,
             steps,
             guidance,
-            version: sampling_version(&bundle, steps, guidance),
+            identity: None,
+            version: sampling_version(&bundle, steps, guidance, 0.0),
             bundle,
         })
     }
@@ -472,8 +543,34 @@ impl StyleDiffusion {
     pub fn with_guidance(mut self, guidance: f32) -> Result<StyleDiffusion, ModelError> {
         check_guidance(guidance).map_err(ModelError::Unsupported)?;
         self.guidance = guidance;
-        self.version = sampling_version(&self.bundle, self.steps, guidance);
+        self.refresh_version();
         Ok(self)
+    }
+
+    /// Turns identity guidance on with `encoder`'s content head at scale `scale` (0: off); see
+    /// [`StyleNet::sample_guided`]. The encoder must be the one whose embeddings condition the
+    /// generator.
+    pub fn with_identity_guidance(
+        mut self,
+        encoder: Arc<EmojiEncoder>,
+        scale: f32,
+    ) -> Result<StyleDiffusion, ModelError> {
+        check_identity_guidance(scale).map_err(ModelError::Unsupported)?;
+        let (cfg, enc) = (&self.net.config, encoder.config());
+        if enc.dim() != cfg.embedding_dim || enc.resolution != cfg.resolution {
+            return Err(ModelError::Unsupported(format!(
+                "identity guidance needs the generator's encoder ({}-value embeddings at {}×{}), got {} values at {}×{}",
+                cfg.embedding_dim, cfg.resolution, cfg.resolution, enc.dim(), enc.resolution, enc.resolution
+            )));
+        }
+        self.identity = (scale > 0.0).then_some((encoder, scale));
+        self.refresh_version();
+        Ok(self)
+    }
+
+    fn refresh_version(&mut self) {
+        let identity = self.identity.as_ref().map_or(0.0, |(_, s)| *s);
+        self.version = sampling_version(&self.bundle, self.steps, self.guidance, identity);
     }
 
     pub fn config(&self) -> &GeneratorConfig {
@@ -519,10 +616,14 @@ impl Generator for StyleDiffusion {
                 .flat_map(|(_, seed)| seeded_noise(*seed, 3 * r * r))
                 .collect();
             let noise = Tensor::from_vec(noise, (chunk.len(), 3, r, r), &self.device)?;
+            let guide = Guidance {
+                style: own.as_ref().map(|own| (own, self.guidance)),
+                identity: self.identity.as_ref().map(|(e, s)| (e.net(), *s)),
+            };
             let out = self.net.sample_guided(
                 &reference,
                 &style,
-                own.as_ref().map(|own| (own, self.guidance)),
+                guide,
                 noise,
                 self.steps,
                 Some(cancel),
@@ -745,6 +846,126 @@ pub(crate) mod tests {
                 .to_string();
             assert!(err.contains("guidance"), "{err}");
         }
+    }
+
+    #[test]
+    fn identity_guidance_holds_the_reference_content() {
+        use crate::model::emoji::{EmojiEncoderConfig, CONTENT_DIM};
+        let (enc_dir, gen_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let enc_cfg = EmojiEncoderConfig {
+            channels: [4, 4, 8, 8],
+            style_dim: 4,
+            ..EmojiEncoderConfig::new(vec!["a".into(), "b".into()], 8)
+        };
+        let vm = VarMap::new();
+        EmojiNet::new(
+            enc_cfg.clone(),
+            VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        crate::train::seeded_init(&vm, 11).unwrap();
+        // Without biases, the random encoder's content depends on the image alone (with them, every
+        // image's content is nearly the same vector).
+        for (name, var) in vm.data().lock().unwrap().iter() {
+            if name.ends_with("bias") {
+                var.set(&var.zeros_like().unwrap()).unwrap();
+            }
+        }
+        vm.save(enc_dir.path().join("model.safetensors")).unwrap();
+        std::fs::write(
+            enc_dir.path().join("config.json"),
+            serde_json::to_vec(&enc_cfg).unwrap(),
+        )
+        .unwrap();
+        let encoder = Arc::new(EmojiEncoder::load(enc_dir.path(), None).unwrap());
+        let dim = CONTENT_DIM + 4;
+        let gen_cfg = GeneratorConfig {
+            channels: 4,
+            time_features: 4,
+            steps: 2,
+            ..GeneratorConfig::new(8, dim, CONTENT_DIM, 4)
+        };
+        save_bundle(gen_dir.path(), &gen_cfg, 3);
+
+        let mut req = request(vec![1, 2], [1.0, 0.0, 0.0, 0.0]);
+        let embedding = |style: [f32; 4]| -> Arc<[f32]> {
+            let mut v = vec![0.05; CONTENT_DIM];
+            v.extend(style);
+            Arc::from(v)
+        };
+        req.reference_embedding = embedding([0.0, 1.0, 0.0, 0.0]);
+        req.preference = Some(embedding([1.0, 0.0, 0.0, 0.0]));
+        let cancel = CancellationToken::new();
+        let images = |g: &StyleDiffusion| -> Vec<Image> {
+            g.generate(std::slice::from_ref(&req), &cancel).unwrap()[0]
+                .iter()
+                .map(|c| c.image.clone())
+                .collect()
+        };
+        let net = encoder.net();
+        // One guidance step raises each row's content cosine to the reference.
+        let reference =
+            images_to_tensor(&[&*req.reference, &*req.reference], 8, &Device::Cpu).unwrap();
+        let target = l2_normalize(&net.forward(&reference).unwrap().content).unwrap();
+        let cosines = |x0: &Tensor| -> Vec<f32> {
+            let c = net.forward(&(&reference + x0).unwrap()).unwrap().content;
+            (l2_normalize(&c).unwrap() * &target)
+                .unwrap()
+                .sum(1)
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let x0 = (Tensor::from_vec(seeded_noise(5, 2 * 3 * 64), (2, 3, 8, 8), &Device::Cpu)
+            .unwrap()
+            * 0.5)
+            .unwrap();
+        let held = hold_identity(net, &reference, &target, x0.clone(), 0.1).unwrap();
+        for (before, after) in cosines(&x0).iter().zip(cosines(&held)) {
+            assert!(
+                after > *before,
+                "cosine {after} after the step, {before} before"
+            );
+        }
+
+        let plain = StyleDiffusion::load(gen_dir.path(), None).unwrap();
+        let guided = StyleDiffusion::load(gen_dir.path(), None)
+            .unwrap()
+            .with_identity_guidance(encoder.clone(), 20.0)
+            .unwrap();
+        assert!(
+            guided.version().ends_with("@2+id20"),
+            "{}",
+            guided.version()
+        );
+        let (a, b) = (images(&plain), images(&guided));
+        assert_ne!(a, b);
+        assert_eq!(images(&guided), b, "deterministic");
+        // Scale 0 is the plain sampler; out-of-range scales and an encoder of other embeddings
+        // are refused.
+        let off = StyleDiffusion::load(gen_dir.path(), None)
+            .unwrap()
+            .with_identity_guidance(encoder.clone(), 0.0)
+            .unwrap();
+        assert_eq!((images(&off), off.version()), (a, plain.version()));
+        for bad in [-1.0, f32::NAN, 2000.0] {
+            let err = StyleDiffusion::load(gen_dir.path(), None)
+                .unwrap()
+                .with_identity_guidance(encoder.clone(), bad)
+                .err()
+                .expect("refused")
+                .to_string();
+            assert!(err.contains("identity guidance"), "{err}");
+        }
+        let other = tempfile::tempdir().unwrap();
+        save_bundle(other.path(), &tiny_config(), 3);
+        let err = StyleDiffusion::load(other.path(), None)
+            .unwrap()
+            .with_identity_guidance(encoder, 1.0)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("6-value"), "{err}");
     }
 
     #[test]

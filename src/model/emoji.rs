@@ -17,6 +17,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{conv2d, linear, Conv2d, Conv2dConfig, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
+use super::diffusion::conv3x3;
 use super::minilm::{l2_normalize, MiniLm};
 use super::{Image, ItemEncoder, ModelError};
 
@@ -117,10 +118,22 @@ impl EmojiNet {
     }
 
     /// `x`: `[b, 3, res, res]` in [-1, 1].
+    ///
+    /// Each convolution is [`conv3x3`] (stride 1, then 2, 2, 2). The bundles were trained with
+    /// candle 0.9's CPU convolution, which reads an input whose channel count equals its height
+    /// and width (`[b, n, n, n]`; here the second layer's input at 32×32) as channels-last: such
+    /// a layer sees its input permuted, `x[b, h, w, c]` at channel `c`, row `h`, column `w`. The
+    /// trained weights mean that function, so it is kept here as an explicit permutation, with
+    /// the same values as before and gradients that match them (candle's backward pass
+    /// differentiates the unpermuted convolution).
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Features> {
         let mut h = x.clone();
-        for conv in &self.convs {
-            h = conv.forward(&h)?.relu()?;
+        for (i, conv) in self.convs.iter().enumerate() {
+            let (_, c, height, width) = h.dims4()?;
+            if c == height && c == width {
+                h = h.permute((0, 3, 1, 2))?;
+            }
+            h = conv3x3(conv, &h, if i == 0 { 1 } else { 2 })?.relu()?;
         }
         let content = self.content.forward(&h.flatten_from(1)?)?;
         let pooled = h.mean((2, 3))?;
@@ -448,6 +461,57 @@ mod tests {
             serde_json::to_vec(&tiny()).unwrap(),
         )
         .unwrap();
+    }
+
+    /// The gradient with respect to the image matches finite differences of the forward pass,
+    /// also through a layer whose input has as many channels as pixels a side (the second one
+    /// here, `[b, 4, 4, 4]`), which the forward pass reads permuted.
+    #[test]
+    fn input_gradients_match_the_forward_pass() {
+        let vm = VarMap::new();
+        let cfg = EmojiEncoderConfig {
+            channels: [4, 4, 8, 8],
+            style_dim: 4,
+            ..EmojiEncoderConfig::new(vec!["a".into(), "b".into()], 8)
+        };
+        let net =
+            EmojiNet::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+        crate::train::seeded_init(&vm, 4).unwrap();
+        let noise = |seed: u64| {
+            let v = crate::model::diffusion::seeded_noise(seed, 2 * 3 * 64);
+            Tensor::from_vec(v, (2, 3, 8, 8), &Device::Cpu).unwrap()
+        };
+        let probe = Tensor::from_vec(
+            crate::model::diffusion::seeded_noise(5, 2 * CONTENT_DIM),
+            (2, CONTENT_DIM),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let f = |x: &Tensor| {
+            (net.forward(x).unwrap().content * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        };
+        let (x, d) = (noise(1), noise(2));
+        let var = candle_core::Var::from_tensor(&x).unwrap();
+        let grad = f(var.as_tensor()).backward().unwrap();
+        let analytic = (grad.get(var.as_tensor()).unwrap() * &d)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let eps = 1e-3;
+        let at = |sign: f64| f(&(&x + (&d * (sign * eps)).unwrap()).unwrap());
+        let numeric = ((at(1.0) - at(-1.0)).unwrap() / (2.0 * eps))
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            (analytic - numeric).abs() <= 1e-2 * numeric.abs().max(1.0),
+            "gradient {analytic}, finite differences {numeric}"
+        );
     }
 
     #[test]
