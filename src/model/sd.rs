@@ -1827,7 +1827,7 @@ impl BenchUnet {
 
 /// How far ragar's UNet is from candle-transformers' on `device` in its dtype: both built from
 /// the same seeded random weights in the tiny configuration, one step on a seeded 64×64 latent
-/// (4096 tokens at the top level, as SD1.5's) against a seeded context. Returns
+/// (4096 tokens at the top level, as SD1.5's; 48×48 on the CPU) against a seeded context. Returns
 /// `max |ours − theirs| / max |theirs|`; the timed runs use random weights, so this is what says
 /// that the timed UNet computes the same function.
 pub fn compare_unets(device: &Device) -> Result<f64, ModelError> {
@@ -1842,7 +1842,10 @@ pub fn compare_unets(device: &Device) -> Result<f64, ModelError> {
         false,
         cfg.unet_config()?,
     )?;
-    let side = 64;
+    // On the CPU 48×48: no layer's input has as many channels as pixels a side (64 would give 32
+    // channels at 32×32), which candle's CPU convolution, inside candle-transformers' UNet, reads
+    // transposed ([`super::unet`]'s convolutions avoid that).
+    let side = if device.is_cuda() { 64 } else { 48 };
     let latent = cfg.unet.in_channels;
     let xs = Tensor::from_vec(
         seeded_noise(1, latent * side * side),
@@ -1879,7 +1882,7 @@ fn relative_difference(a: &Tensor, b: &Tensor, what: &str) -> Result<f64, ModelE
 
 /// How far ragar's VAE decoder is from candle-transformers' on `device` in its dtype, as
 /// [`compare_unets`]: the tiny configuration, seeded random weights (biases and norm gains too),
-/// a seeded 32×32 latent (a 256×256 image).
+/// a seeded 24×24 latent (a 192×192 image).
 pub fn compare_vae_decoders(device: &Device) -> Result<f64, ModelError> {
     let cfg = SdConfig::tiny();
     let dtype = dtype_for(device);
@@ -1887,7 +1890,10 @@ pub fn compare_vae_decoders(device: &Device) -> Result<f64, ModelError> {
     let config = cfg.vae_config()?;
     let ours = VaeDecoder::new(vb(), cfg.vae.out_channels, &config)?;
     let theirs = vae::AutoEncoderKL::new(vb(), cfg.vae.in_channels, cfg.vae.out_channels, config)?;
-    let (latent, side) = (cfg.vae.latent_channels, 32);
+    // 24×24 latents: no layer's input has as many channels as pixels a side (32 would give 64
+    // channels at 64×64), which candle's CPU convolution, inside candle-transformers' decoder,
+    // reads transposed ([`super::unet`]'s convolutions avoid that).
+    let (latent, side) = (cfg.vae.latent_channels, 24);
     let z = Tensor::from_vec(
         seeded_noise(3, latent * side * side),
         (1, latent, side, side),

@@ -249,7 +249,7 @@ impl Conv {
                 return Ok(out);
             }
         }
-        let mut out = self.conv.forward(xs)?;
+        let mut out = cpu_safe_conv(&self.conv, xs)?;
         if let Some(t) = per_channel {
             out = out.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
         }
@@ -261,6 +261,20 @@ impl Conv {
         }
         Ok(out)
     }
+}
+
+/// `conv.forward(xs)`, except that a contiguous `[b, n, n, n]` input on the CPU (as many channels
+/// as pixels a side: 256 channels at 256×256 in the VAE decoder at 512×512) goes in as a view with
+/// one padded column. candle 0.9's CPU convolution takes such an input's strides for a
+/// channels-last layout and reads it transposed; a view with other strides it copies by its real
+/// strides.
+fn cpu_safe_conv(conv: &Conv2d, xs: &Tensor) -> Result<Tensor> {
+    let (_, c, h, w) = xs.dims4()?;
+    if xs.device().is_cpu() && c == h && c == w && c > 1 {
+        let view = xs.pad_with_zeros(3, 0, 1)?.narrow(3, 0, w)?;
+        return conv.forward(&view);
+    }
+    conv.forward(xs)
 }
 
 /// Multi-head attention in the input's dtype; self attention when `context` is `None`.
@@ -950,6 +964,54 @@ pub(crate) mod tests {
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
     use std::collections::BTreeMap;
+
+    /// A 3×3 convolution of a `[b, n, n, n]` input (channels = height = width) on the CPU is
+    /// the convolution of that input: the same as of the input with one more channel, cropped.
+    #[test]
+    fn cubic_inputs_convolve_as_nchw_on_the_cpu() {
+        let conv = Conv::padded3x3(4, 3, random_vb(3, None)).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(8);
+        let xs: Vec<f32> = (0..2 * 5 * 4 * 4)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        // Five channels at 4×4, which candle reads correctly, and a weight that ignores the
+        // fifth: the convolution of the first four, the input.
+        let wide = Tensor::from_vec(xs, (2, 5, 4, 4), &Device::Cpu).unwrap();
+        let cubic = wide.narrow(1, 0, 4).unwrap().contiguous().unwrap();
+        let weight = conv.conv.weight();
+        let weight = Tensor::cat(
+            &[
+                weight,
+                &weight.narrow(1, 0, 1).unwrap().zeros_like().unwrap(),
+            ],
+            1,
+        )
+        .unwrap();
+        let bias = conv.conv.bias().unwrap().reshape((1, 3, 1, 1)).unwrap();
+        let want = wide
+            .conv2d(&weight, 1, 1, 1, 1)
+            .unwrap()
+            .broadcast_add(&bias)
+            .unwrap();
+        let got = conv.forward(&cubic).unwrap();
+        let max_abs = |t: Tensor| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let diff = max_abs((got - &want).unwrap());
+        assert!(diff < 1e-5, "max difference {diff}");
+        // What candle's convolution gives for the contiguous cubic input itself differs.
+        let raw = conv.conv.forward(&cubic).unwrap();
+        let off = max_abs((raw - want).unwrap());
+        assert!(
+            off > 1e-3,
+            "candle's convolution now reads cubic inputs as NCHW: {off}"
+        );
+    }
 
     pub(crate) fn random_vb(
         seed: u64,
