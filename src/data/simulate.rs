@@ -535,6 +535,11 @@ pub(crate) mod testdata {
 
     /// A small random-weight (seeded) item encoder bundle for `m`'s vendors at `res` px.
     pub(crate) fn tiny_encoder(bundle: &Path, m: &Manifest, res: u32) {
+        tiny_encoder_for(bundle, m.vendor_names().map(str::to_string).collect(), res);
+    }
+
+    /// [`tiny_encoder`] for the vendors `vendors`: style block of 4 values, embeddings of 388.
+    pub(crate) fn tiny_encoder_for(bundle: &Path, vendors: Vec<String>, res: u32) {
         use crate::model::emoji::{EmojiEncoderConfig, EmojiNet};
         use candle_core::{DType, Device};
         use candle_nn::{VarBuilder, VarMap};
@@ -542,7 +547,7 @@ pub(crate) mod testdata {
         let cfg = EmojiEncoderConfig {
             channels: [4, 4, 8, 8],
             style_dim: 4,
-            ..EmojiEncoderConfig::new(m.vendor_names().map(str::to_string).collect(), res)
+            ..EmojiEncoderConfig::new(vendors, res)
         };
         let vm = VarMap::new();
         EmojiNet::new(

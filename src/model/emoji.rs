@@ -128,12 +128,12 @@ impl EmojiNet {
     /// differentiates the unpermuted convolution).
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Features> {
         let mut h = x.clone();
-        for (i, conv) in self.convs.iter().enumerate() {
+        for conv in &self.convs {
             let (_, c, height, width) = h.dims4()?;
             if c == height && c == width {
                 h = h.permute((0, 3, 1, 2))?;
             }
-            h = conv3x3(conv, &h, if i == 0 { 1 } else { 2 })?.relu()?;
+            h = conv3x3(conv, &h, conv.config().stride)?.relu()?;
         }
         let content = self.content.forward(&h.flatten_from(1)?)?;
         let pooled = h.mean((2, 3))?;
