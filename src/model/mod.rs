@@ -7,9 +7,8 @@
 //! [`CosineRanker`] (score by embedding cosines: the feature-consistency baseline). [`TextEncoder`]
 //! embeds items by their text with all-MiniLM-L6-v2 ([`minilm`]). Generators: the EmojiStyle
 //! diffusion model the project trains ([`diffusion`]) and Stable Diffusion with weights in the
-//! diffusers layout ([`sd`], on ragar's UNet [`unet`] and VAE decoder [`vae_decoder`], whose hot
-//! operations run in ragar's CUDA [`kernels`] on the GPU, and candle-transformers' VAE encoder and
-//! CLIP), which reads the preference as a prompt built from the texts of the weighted history.
+//! diffusers layout ([`sd`], on ragar's UNet [`unet`] and VAE [`autoencoder`], whose hot
+//! operations run in ragar's CUDA [`kernels`] on the GPU, and candle-transformers' CLIP), which reads the preference as a prompt built from the texts of the weighted history.
 //! Deterministic test implementations live in [`testutil`] behind the `test-util` feature.
 
 use std::io::Cursor;
@@ -19,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::preference::cosine;
 
+pub mod autoencoder;
 pub mod diffusion;
 pub mod emoji;
 pub mod kernels;
@@ -27,7 +27,6 @@ pub mod opbench;
 pub mod ranker;
 pub mod sd;
 pub mod unet;
-pub mod vae_decoder;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

@@ -1,6 +1,6 @@
 //! Stable Diffusion (v1.5, v2.1, Turbo) as a [`Generator`]: ragar's UNet ([`super::unet`],
-//! attention in the model's dtype) with candle-transformers' VAE and CLIP, on weights the user
-//! provides in the **diffusers layout**.
+//! attention in the model's dtype) and VAE ([`super::autoencoder`]) with candle-transformers'
+//! CLIP, on weights the user provides in the **diffusers layout**.
 //!
 //! # Directory
 //!
@@ -30,11 +30,9 @@
 //! # Sampling: img2img, deterministic per seed
 //!
 //! 1. The reference is resized (stretched) to the model's square resolution (`unet.sample_size` ×
-//!    the VAE's downsampling factor) and encoded by the VAE to the **posterior mean**: candle's
-//!    `DiagonalGaussianDistribution` keeps its mean private and samples with the unseedable
-//!    `randn`, so the loader sets the log-variance half of the encoder's last layer (`quant_conv`,
-//!    else `encoder.conv_out`) to weight 0 and bias −1000. Its standard deviation is then
-//!    exp(−500), which is exactly 0 in f32 and f16, and `sample()` returns the mean exactly.
+//!    the VAE's downsampling factor) and encoded by ragar's VAE encoder
+//!    ([`super::autoencoder::VaeEncoder`]) to the **posterior mean**, never a sample (candle's
+//!    `DiagonalGaussianDistribution` samples with the unseedable `randn`).
 //! 2. Noise comes from the candidate's seed ([`seeded_noise`]), never from candle's generator.
 //!    `steps` is the number of denoising steps actually run; the DDIM schedule has
 //!    ⌈steps / strength⌉ points, the latent is noised to the first of the last `steps` of them
@@ -81,7 +79,7 @@ use candle_transformers::models::stable_diffusion::schedulers::{
 };
 use candle_transformers::models::stable_diffusion::{clip as sd_clip, ddim, unet_2d, vae};
 
-use super::vae_decoder::VaeDecoder;
+use super::autoencoder::{VaeDecoder, VaeEncoder};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::de::DeserializeOwned;
@@ -910,10 +908,9 @@ fn build_unet(cfg: &SdConfig, vb: VarBuilder) -> Result<UNet, ModelError> {
     )?)
 }
 
-/// The VAE: candle-transformers' encodes, ragar's [`VaeDecoder`] decodes (the decoder's weights
-/// are loaded twice, once in each).
+/// The VAE: ragar's [`VaeEncoder`] and [`VaeDecoder`], each loading its own half of the weights.
 struct Vae {
-    kl: vae::AutoEncoderKL,
+    encoder: VaeEncoder,
     decoder: VaeDecoder,
 }
 
@@ -921,7 +918,7 @@ fn build_vae(cfg: &SdConfig, vb: VarBuilder) -> Result<Vae, ModelError> {
     let config = cfg.vae_config()?;
     Ok(Vae {
         decoder: VaeDecoder::new(vb.clone(), cfg.vae.out_channels, &config)?,
-        kl: vae::AutoEncoderKL::new(vb, cfg.vae.in_channels, cfg.vae.out_channels, config)?,
+        encoder: VaeEncoder::new(vb, cfg.vae.in_channels, &config)?,
     })
 }
 
@@ -1324,51 +1321,10 @@ fn in_file(path: &Path) -> impl Fn(ModelError) -> ModelError + '_ {
     }
 }
 
-/// Replaces the second half of `key`'s output rows (the log-variance) with `value`.
-fn pin_logvar(
-    tensors: &mut HashMap<String, Tensor>,
-    key: &str,
-    latent: usize,
-    value: f64,
-    path: &Path,
-) -> Result<(), ModelError> {
-    let t = tensors
-        .get(key)
-        .ok_or_else(|| ModelError::Bundle(format!("{}: no tensor `{key}`", path.display())))?;
-    if t.dims().first() != Some(&(2 * latent)) {
-        return Err(ModelError::Bundle(format!(
-            "{}: `{key}` has shape {:?}, expected {} output channels",
-            path.display(),
-            t.dims(),
-            2 * latent
-        )));
-    }
-    let mean = t.narrow(0, 0, latent)?;
-    let logvar = (t.narrow(0, latent, latent)?.zeros_like()? + value)?;
-    let pinned = Tensor::cat(&[&mean, &logvar], 0)?;
-    tensors.insert(key.to_string(), pinned);
-    Ok(())
-}
-
-/// Loads the VAE with its posterior's log-variance pinned to −1000, so `encode(x).sample()` is
-/// exactly the posterior mean (see the module header).
+/// Loads the VAE: the encoder and `quant_conv` into [`VaeEncoder`], the decoder and
+/// `post_quant_conv` into [`VaeDecoder`].
 fn load_vae(cfg: &SdConfig, path: &Path, dtype: DType, device: &Device) -> Result<Vae, ModelError> {
-    let mut tensors =
-        candle_core::safetensors::load(path, &Device::Cpu).map_err(load_error(path))?;
-    let layer = if cfg.vae.use_quant_conv {
-        "quant_conv"
-    } else {
-        "encoder.conv_out"
-    };
-    let latent = cfg.vae.latent_channels;
-    pin_logvar(&mut tensors, &format!("{layer}.weight"), latent, 0.0, path)?;
-    pin_logvar(
-        &mut tensors,
-        &format!("{layer}.bias"),
-        latent,
-        -1000.0,
-        path,
-    )?;
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(load_error(path))?;
     let vb = VarBuilder::from_tensors(tensors, dtype, device);
     build_vae(cfg, vb).map_err(in_file(path))
 }
@@ -1500,7 +1456,7 @@ impl SdGenerator {
         let x = images_to_tensor(&[image], self.config.resolution() as u32, &Device::Cpu)?
             .to_device(&self.device)?
             .to_dtype(self.dtype)?;
-        let z = self.vae.kl.encode(&x)?.sample()?;
+        let z = self.vae.encoder.encode_mean(&x)?;
         let shift = self.config.vae.shift_factor.unwrap_or(0.0);
         Ok(z.affine(
             self.config.vae.scaling_factor,
