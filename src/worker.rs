@@ -80,8 +80,8 @@ impl Models {
                 ))
             }
         };
-        // The `emoji` encoder by its own type too: the diffusion generator's identity guidance
-        // runs its content head.
+        // The `emoji` encoder by its own type too: the diffusion generator needs it (its identity
+        // guidance runs the content head).
         let mut emoji: Option<Arc<EmojiEncoder>> = None;
         let encoder: Option<Arc<dyn ItemEncoder>> = match cfg.encoder.as_str() {
             "none" => None,
@@ -106,7 +106,7 @@ impl Models {
         let generator: Arc<dyn Generator> = match cfg.generator.as_str() {
             "passthrough" => Arc::new(Passthrough),
             "diffusion" => {
-                let Some(encoder) = &encoder else {
+                let Some(emoji) = &emoji else {
                     return Err(invalid(
                         "models.generator",
                         "the diffusion generator needs models.encoder = \"emoji\"".into(),
@@ -121,24 +121,19 @@ impl Models {
                         .map_err(|e| invalid("models.generator_guidance", e.to_string()))?,
                     None => generator,
                 };
-                let generator = match (&emoji, cfg.generator_identity_guidance) {
-                    (Some(emoji), s) if s > 0.0 => generator
-                        .with_identity_guidance(emoji.clone(), s)
-                        .map_err(|e| {
-                            invalid("models.generator_identity_guidance", e.to_string())
-                        })?,
-                    _ => generator,
-                };
-                if generator.config().embedding_dim != encoder.dim() {
+                if generator.config().embedding_dim != emoji.dim() {
                     return Err(invalid(
                         "models.generator_dir",
                         format!(
                             "the generator reads {}-value embeddings, the encoder gives {}",
                             generator.config().embedding_dim,
-                            encoder.dim()
+                            emoji.dim()
                         ),
                     ));
                 }
+                let generator = generator
+                    .with_identity_guidance(emoji.clone(), cfg.generator_identity_guidance)
+                    .map_err(|e| invalid("models.generator_identity_guidance", e.to_string()))?;
                 Arc::new(generator)
             }
             "sd" => {

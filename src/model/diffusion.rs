@@ -546,9 +546,9 @@ impl StyleDiffusion {
         Ok(self)
     }
 
-    /// Turns identity guidance on with `encoder`'s content head at scale `scale` (0: off); see
-    /// [`StyleNet::sample_guided`]. The encoder must be the one whose embeddings condition the
-    /// generator.
+    /// Turns identity guidance on with `encoder`'s content head at scale `scale` (0: off, and
+    /// `encoder` unused); see [`StyleNet::sample_guided`]. The encoder must be the one whose
+    /// embeddings condition the generator.
     pub fn with_identity_guidance(
         mut self,
         encoder: Arc<EmojiEncoder>,
@@ -556,7 +556,7 @@ impl StyleDiffusion {
     ) -> Result<StyleDiffusion, ModelError> {
         check_identity_guidance(scale).map_err(ModelError::Unsupported)?;
         let (cfg, enc) = (&self.net.config, encoder.config());
-        if enc.dim() != cfg.embedding_dim || enc.resolution != cfg.resolution {
+        if scale > 0.0 && (enc.dim() != cfg.embedding_dim || enc.resolution != cfg.resolution) {
             return Err(ModelError::Unsupported(format!(
                 "identity guidance needs the generator's encoder ({}-value embeddings at {}×{}), got {} values at {}×{}",
                 cfg.embedding_dim, cfg.resolution, cfg.resolution, enc.dim(), enc.resolution, enc.resolution
