@@ -1,7 +1,9 @@
 //! Ingest throughput: interaction events with 384-dim embeddings through decode + Redis + LanceDB,
 //! against the raw rdkafka consume rate measured in the same run (the ceiling).
 //!
-//! `cargo bench --profile dev --bench ingest -- [EVENTS] [USERS]` (defaults 100000, 1000). Needs
+//! `cargo bench --profile dev --bench ingest -- [EVENTS] [USERS]` (defaults 100000, 1000);
+//! `RAGAR_BENCH_EMBEDDING=base64` sends the embeddings as base64 float32 (`ragar.event.v2`)
+//! instead of JSON numbers. Needs
 //! Redis on 127.0.0.1:6379 (or `RAGAR_BENCH_REDIS_URL`). Prints figures; asserts nothing.
 //! `RAGAR_BENCH_PERF=FILE` records the timed span with `perf record -g` into FILE
 //! (`RAGAR_BENCH_PERF_GRAPH=dwarf`: `--call-graph dwarf`, for callers through code built without
@@ -10,6 +12,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -53,24 +57,40 @@ async fn run(n: usize, users: usize) {
     let broker = MockBroker::start(&topics).unwrap();
     let bootstrap = broker.bootstrap_servers().to_string();
 
-    // Payloads: 384 floats with 3 decimals, as a producer that rounds its embeddings would send.
+    // Payloads: 384 floats with 3 decimals, as a producer that rounds its embeddings would send
+    // (`ragar.event.v1`), or with `RAGAR_BENCH_EMBEDDING=base64` the same values as base64
+    // float32 (`ragar.event.v2`).
+    let base64 = match std::env::var("RAGAR_BENCH_EMBEDDING").as_deref() {
+        Ok("base64") => true,
+        Ok("json") | Err(_) => false,
+        Ok(other) => panic!("RAGAR_BENCH_EMBEDDING: `{other}` is neither json nor base64"),
+    };
     let mut rng = ChaCha8Rng::seed_from_u64(42);
     let payloads: Vec<(String, Vec<u8>)> = (0..n)
         .map(|i| {
             let user = format!("user{}", i % users);
             let emb: Vec<String> = (0..DIM).map(|_| format!("{:.3}", rng.random_range(-1.0f32..1.0))).collect();
+            let (schema, embedding) = if base64 {
+                let bytes: Vec<u8> = emb
+                    .iter()
+                    .flat_map(|v| v.parse::<f32>().unwrap().to_le_bytes())
+                    .collect();
+                ("ragar.event.v2", format!("\"{}\"", BASE64.encode(bytes)))
+            } else {
+                ("ragar.event.v1", format!("[{}]", emb.join(",")))
+            };
             let p = format!(
-                r#"{{"schema":"ragar.event.v1","type":"interaction","event_id":"ev{i}","user_id":"{user}","item_id":"it{}","action":"click","ts":{},"embedding":[{}]}}"#,
+                r#"{{"schema":"{schema}","type":"interaction","event_id":"ev{i}","user_id":"{user}","item_id":"it{}","action":"click","ts":{},"embedding":{embedding}}}"#,
                 i % 5000,
                 1_700_000_000_000i64 + i as i64,
-                emb.join(",")
             );
             (user, p.into_bytes())
         })
         .collect();
     let bytes: usize = payloads.iter().map(|(_, p)| p.len()).sum();
     println!(
-        "events: {n}, users: {users}, mean payload {} bytes, {PARTITIONS} partitions",
+        "events: {n}, users: {users}, embeddings as {}, mean payload {} bytes, {PARTITIONS} partitions",
+        if base64 { "base64 float32" } else { "JSON numbers" },
         bytes / n
     );
 
@@ -102,14 +122,16 @@ async fn run(n: usize, users: usize) {
         #[allow(dead_code)]
         embedding: Vec<f32>,
     }
-    let t = Instant::now();
-    for (_, p) in &payloads {
-        serde_json::from_slice::<SerdeFloats>(p).unwrap();
+    if !base64 {
+        let t = Instant::now();
+        for (_, p) in &payloads {
+            serde_json::from_slice::<SerdeFloats>(p).unwrap();
+        }
+        println!(
+            "  reference: serde parsing the embedding alone: {:.0} events/s",
+            n as f64 / t.elapsed().as_secs_f64()
+        );
     }
-    println!(
-        "  reference: serde parsing the embedding alone: {:.0} events/s",
-        n as f64 / t.elapsed().as_secs_f64()
-    );
 
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &bootstrap)
@@ -184,6 +206,7 @@ async fn run(n: usize, users: usize) {
     // background maintenance builds the BTree indices a minute after start), so each write's
     // lookup of stored event ids goes through the event_id index as it does in production.
     // `RAGAR_BENCH_FRESH=1` starts from an empty, unindexed table instead.
+    let mut earlier_rows = 0;
     if std::env::var_os("RAGAR_BENCH_FRESH").is_none() {
         let store = ragar::history::lance::LanceStore::open(&cfg.lance.uri, DIM)
             .await
@@ -200,7 +223,8 @@ async fn run(n: usize, users: usize) {
             .collect();
         store.insert_interactions(&earlier).await.unwrap();
         store.optimize().await.unwrap();
-        println!("LanceDB: {} earlier rows, indexed", earlier.len());
+        earlier_rows = earlier.len();
+        println!("LanceDB: {earlier_rows} earlier rows, indexed");
     }
 
     // Every user has a complete hot window, so each event really lands in Redis.
@@ -341,8 +365,9 @@ async fn run(n: usize, users: usize) {
         (written_after - written_before) as f64 / events
     );
     println!("ratio raw consume / worker: {:.2}", raw_rate / worker_rate);
-    println!("LanceDB rows: {rows} (expected {n}); user0 window: {window} entries");
-    assert_eq!(rows, n, "every event stored once");
+    let expected = earlier_rows + n;
+    println!("LanceDB rows: {rows} (expected {expected}); user0 window: {window} entries");
+    assert_eq!(rows, expected, "every event stored once");
 }
 
 /// The value of the first sample in a Prometheus text page whose line starts with `prefix`; 0 if none.

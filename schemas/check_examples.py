@@ -117,9 +117,22 @@ def negative_checks(loaded):
             (disp, "display with embedding", lambda d: d.update(embedding=[1.0])),
             (disp, "unknown type", lambda d: d.update(type="click")),
             (disp, "missing type", lambda d: d.pop("type")),
+            (inter, "base64 embedding (v2 only)", lambda d: d.update(embedding="AAAAPwAAgL4AAEA/AACAPw==")),
         ]
         for base, label, change in bad:
             expect_invalid("ragar.event.v1.json", v, base, label, change)
+    if "ragar.event.v2.json" in loaded:
+        schema, v = loaded["ragar.event.v2.json"]
+        b64 = next(e for e in schema["examples"] if isinstance(e.get("embedding"), str))
+        bad = [
+            (b64, "embedding not base64", lambda d: d.update(embedding="AAAA*AAA")),
+            (b64, "base64 without padding", lambda d: d.update(embedding="AAAAPwAAgL4AAEA/AACAPw")),
+            (b64, "URL-safe base64", lambda d: d.update(embedding="AAAAPwAAgL4AAEA_AACAPw==")),
+            (b64, "embedding as a number", lambda d: d.update(embedding=1.5)),
+            (b64, "v1 schema name", lambda d: d.update(schema="ragar.event.v1")),
+        ]
+        for base, label, change in bad:
+            expect_invalid("ragar.event.v2.json", v, base, label, change)
     if "ragar.image.v1.json" in loaded:
         schema, v = loaded["ragar.image.v1.json"]
         ex = schema["examples"][0]

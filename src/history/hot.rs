@@ -318,7 +318,7 @@ impl Hot {
             text: text(h.remove("text")),
             category: text(h.remove("cat")),
             image_png: h.remove("img").map(Into::into),
-            embedding: bytes_to_f32s(&emb).into(),
+            embedding: crate::event::f32s_from_le_bytes(&emb).into(),
             ts_ms: text(h.remove("ts"))
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(0),
@@ -375,23 +375,12 @@ pub fn decode_member(user_id: &str, m: &[u8]) -> Option<HistoryEntry> {
         item_id: item_id.to_string(),
         action,
         ts_ms,
-        embedding: bytes_to_f32s(&rest[8..]).into(),
+        embedding: crate::event::f32s_from_le_bytes(&rest[8..]).into(),
     })
 }
 
 fn f32s_to_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-/// Little-endian f32s. Filling a zeroed Vec in a plain loop compiles to vector moves; collecting
-/// the same iterator straight into an `Arc<[f32]>` went value by value and was the largest cost
-/// of reading a window (`benches/preference.rs`).
-fn bytes_to_f32s(b: &[u8]) -> Vec<f32> {
-    let mut out = vec![0f32; b.len() / 4];
-    for (x, c) in out.iter_mut().zip(b.chunks_exact(4)) {
-        *x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-    }
-    out
 }
 
 #[cfg(test)]
