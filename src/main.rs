@@ -215,6 +215,10 @@ enum BenchWhat {
         /// ragar's UNet on candle's operations alone, without its CUDA kernels (the comparison).
         #[arg(long)]
         no_fused_kernels: bool,
+        /// Attention as two matrix products around a softmax of the scores in memory, instead of
+        /// one fused pass (the comparison).
+        #[arg(long)]
+        no_flash_attention: bool,
     },
     /// The operations SD1.5's UNet and VAE are made of, at their shapes (convolutions, the matrix
     /// products behind them, group norms, attention, elementwise and layout operations): mean ms
@@ -235,6 +239,10 @@ enum BenchWhat {
         /// ragar's group norm and attention on candle's operations alone, without its CUDA kernels.
         #[arg(long)]
         no_fused_kernels: bool,
+        /// Attention as two matrix products around a softmax of the scores in memory, instead of
+        /// one fused pass.
+        #[arg(long)]
+        no_flash_attention: bool,
     },
 }
 
@@ -883,6 +891,7 @@ fn main() -> anyhow::Result<()> {
                     candle_transformers_unet,
                     no_tf32,
                     no_fused_kernels,
+                    no_flash_attention,
                 },
         } => {
             let out = ragar::model::sd::bench(&ragar::model::sd::BenchOptions {
@@ -895,6 +904,7 @@ fn main() -> anyhow::Result<()> {
                 candle_transformers_unet,
                 tf32: !no_tf32,
                 fused_kernels: !no_fused_kernels,
+                flash_attention: !no_flash_attention,
             })?;
             println!("{out}");
         }
@@ -906,6 +916,7 @@ fn main() -> anyhow::Result<()> {
                     batch,
                     reps,
                     no_fused_kernels,
+                    no_flash_attention,
                 },
         } => {
             let out = ragar::model::opbench::bench_ops(&ragar::model::opbench::OpsOptions {
@@ -914,6 +925,7 @@ fn main() -> anyhow::Result<()> {
                 batch,
                 reps,
                 fused_kernels: !no_fused_kernels,
+                flash_attention: !no_flash_attention,
             })?;
             println!("{out}");
         }

@@ -14,10 +14,13 @@
 //!   kernel row (`3c` deep), with rows a multiple of 8 long, so every product reads aligned memory;
 //! - group norm, with the SiLU that follows it, is partial sums over slices of each group (enough
 //!   blocks to fill the GPU), the statistics per group, and one elementwise pass;
-//! - attention reads q, k and v where the projections wrote them and writes the heads merged: per
-//!   batch item and block of queries, a strided-batched product over the heads, a row softmax and a
-//!   second product, with no head split or merge copies; the blocks are sized so that their scores
-//!   stay in the GPU's L2 cache between the three steps;
+//! - attention reads q, k and v where the projections wrote them and writes the heads merged, in
+//!   one pass (the FlashAttention-2 schedule): per (item, head, 128 queries), keys and values stream
+//!   through shared memory, the scores and the output accumulate in registers through tensor-core
+//!   products, and the softmax is online, so the l × lk scores never reach memory. Head dims that
+//!   are not a multiple of 8 (or past 160), and [`set_flash_attention`]`(false)`, take the earlier
+//!   path: per batch item and block of queries, a strided-batched product over the heads, a row
+//!   softmax and a second product, the blocks sized so that their scores stay in L2;
 //! - the NCHW ↔ token transposes are a tiled transpose (with the projection's bias and the
 //!   residual in the way back); GEGLU and bias additions are single passes.
 //!
@@ -38,6 +41,18 @@ pub fn set_fused(enabled: bool) {
 
 pub fn fused() -> bool {
     FUSED.load(Ordering::Relaxed)
+}
+
+static FLASH: AtomicBool = AtomicBool::new(true);
+
+/// Whether attention runs as one fused pass (the default), or as two strided-batched products
+/// around a row softmax with the scores in memory (`ragar bench sd --no-flash-attention`).
+pub fn set_flash_attention(enabled: bool) {
+    FLASH.store(enabled, Ordering::Relaxed);
+}
+
+pub fn flash_attention() -> bool {
+    FLASH.load(Ordering::Relaxed)
 }
 
 /// Whether `t` is an f16 tensor on a CUDA device in a CUDA build with the kernels enabled.
@@ -450,6 +465,211 @@ extern "C" __global__ void softmax_rows(h16* __restrict__ s, unsigned cols) {
   for (unsigned i = threadIdx.x; i < cols; i += blockDim.x)
     row[i] = f2h(__expf(h2f(row[i]) - m) * inv);
 }
+
+// Attention in one pass (the FlashAttention-2 schedule): a CTA of 8 warps takes 128 queries of one
+// (batch item, head), each warp 16 of them, and streams the keys and values through shared memory
+// 64 at a time. Scores and the output accumulate in f32 in registers through tensor-core products
+// (mma.sync m16n8k16, f16 operands); the softmax is online (a running maximum and sum per query
+// row), so the l × lk scores never reach memory. D is the head dim rounded up to 16; the columns
+// past d are zeros. Rows of q (q_stride halves a token), k and v (kv_stride) are read where the
+// projections wrote them, head h at column h·d; out is (b, l, heads·d).
+__device__ __forceinline__ void mma16816(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("{ ex2.approx.ftz.f32 %0, %1; }" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Two f16 in one register, the first in the low half (the fragments' element order).
+__device__ __forceinline__ unsigned pack2(float lo, float hi) {
+  return (unsigned)f2h(lo) | ((unsigned)f2h(hi) << 16);
+}
+
+struct __align__(16) u32x4 {
+  unsigned x, y, z, w;
+};
+
+template <int D>
+__device__ __forceinline__ void flash(const h16* __restrict__ q, const h16* __restrict__ k,
+                                      const h16* __restrict__ v, h16* __restrict__ out,
+                                      unsigned l, unsigned lk, unsigned d, unsigned heads,
+                                      unsigned q_stride, unsigned kv_stride) {
+  constexpr unsigned BC = 64, KS = D + 8, VS = BC + 8;  // keys a tile; shared row strides
+  __shared__ __align__(16) h16 ks[BC * KS];            // keys × dims
+  __shared__ __align__(16) h16 vt[D * VS];             // dims × keys (v transposed)
+  const float LOG2E = 1.4426950408889634f;
+  const unsigned warp = threadIdx.x >> 5, lane = threadIdx.x & 31u, g = lane >> 2, t = lane & 3u;
+  const unsigned item = blockIdx.z, head = blockIdx.y, q0 = blockIdx.x * 128u + warp * 16u;
+  const h16* qb = q + (size_t)item * l * q_stride + head * d;
+  const h16* kb = k + (size_t)item * lk * kv_stride + head * d;
+  const h16* vb = v + (size_t)item * lk * kv_stride + head * d;
+
+  // The warp's 16 query rows as A fragments: qa[kc] covers dims 16kc..16kc+15.
+  unsigned qa[D / 16][4];
+#pragma unroll
+  for (unsigned kc = 0; kc < D / 16; ++kc) {
+#pragma unroll
+    for (unsigned r = 0; r < 4; ++r) {
+      const unsigned row = q0 + g + (r & 1u) * 8u, col = kc * 16u + 2u * t + (r >> 1) * 8u;
+      qa[kc][r] = (row < l && col < d)
+                      ? *reinterpret_cast<const unsigned*>(qb + (size_t)row * q_stride + col)
+                      : 0u;
+    }
+  }
+  // o[j]: dims 8j..8j+7 of rows g (elements 0, 1) and g + 8 (2, 3), columns 2t and 2t + 1.
+  float o[D / 8][4];
+#pragma unroll
+  for (unsigned j = 0; j < D / 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+  float m0 = __int_as_float(0xff800000), m1 = m0, s0 = 0.f, s1 = 0.f;
+
+  // The next tile's keys and values are loaded into registers while this one is computed, then
+  // stored to shared memory (v transposed): 16-byte chunks, (key r, dims c8..c8+7) for chunk i.
+  constexpr unsigned CHUNKS = BC * (D / 8), PER = (CHUNKS + 255u) / 256u;
+  u32x4 kn[PER], vn[PER];
+  auto fetch = [&](unsigned kb0) {
+#pragma unroll
+    for (unsigned p = 0; p < PER; ++p) {
+      const unsigned i = threadIdx.x + p * 256u, r = i % BC, c8 = (i / BC) * 8u;
+      kn[p] = vn[p] = u32x4{0u, 0u, 0u, 0u};
+      if (i < CHUNKS && kb0 + r < lk && c8 < d) {
+        kn[p] = *reinterpret_cast<const u32x4*>(kb + (size_t)(kb0 + r) * kv_stride + c8);
+        vn[p] = *reinterpret_cast<const u32x4*>(vb + (size_t)(kb0 + r) * kv_stride + c8);
+      }
+    }
+  };
+  fetch(0);
+  for (unsigned kb0 = 0; kb0 < lk; kb0 += BC) {
+    __syncthreads();
+#pragma unroll
+    for (unsigned p = 0; p < PER; ++p) {
+      const unsigned i = threadIdx.x + p * 256u, r = i % BC, c8 = (i / BC) * 8u;
+      if (i < CHUNKS) {
+        *reinterpret_cast<u32x4*>(ks + r * KS + c8) = kn[p];
+        const h16* vh = reinterpret_cast<const h16*>(&vn[p]);
+#pragma unroll
+        for (unsigned e = 0; e < 8; ++e) vt[(c8 + e) * VS + r] = vh[e];
+      }
+    }
+    __syncthreads();
+    if (kb0 + BC < lk) fetch(kb0 + BC);
+
+    // S = Q·Kᵀ for the tile: s[j] holds keys 8j + 2t, 8j + 2t + 1 of rows g and g + 8.
+    float s[BC / 8][4];
+#pragma unroll
+    for (unsigned j = 0; j < BC / 8; ++j) {
+      s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+      for (unsigned kc = 0; kc < D / 16; ++kc) {
+        const h16* kr = ks + (j * 8u + g) * KS + kc * 16u + 2u * t;
+        mma16816(s[j], qa[kc], *reinterpret_cast<const unsigned*>(kr),
+                 *reinterpret_cast<const unsigned*>(kr + 8));
+      }
+    }
+    if (kb0 + BC > lk) {
+#pragma unroll
+      for (unsigned j = 0; j < BC / 8; ++j)
+#pragma unroll
+        for (unsigned e = 0; e < 4; ++e)
+          if (kb0 + j * 8u + 2u * t + (e & 1u) >= lk) s[j][e] = __int_as_float(0xff800000);
+    }
+
+    // Online softmax: the new row maxima (over the 4 lanes that share a row), the rescale of
+    // what was accumulated, then the tile's probabilities.
+    float x0 = m0, x1 = m1;
+#pragma unroll
+    for (unsigned j = 0; j < BC / 8; ++j) {
+      x0 = fmaxf(x0, fmaxf(s[j][0], s[j][1]));
+      x1 = fmaxf(x1, fmaxf(s[j][2], s[j][3]));
+    }
+#pragma unroll
+    for (int off = 1; off <= 2; off <<= 1) {
+      x0 = fmaxf(x0, __shfl_xor_sync(0xffffffffu, x0, off));
+      x1 = fmaxf(x1, __shfl_xor_sync(0xffffffffu, x1, off));
+    }
+    const float c0 = ex2((m0 - x0) * LOG2E), c1 = ex2((m1 - x1) * LOG2E);
+    m0 = x0;
+    m1 = x1;
+    s0 *= c0;
+    s1 *= c1;
+#pragma unroll
+    for (unsigned j = 0; j < D / 8; ++j) {
+      o[j][0] *= c0;
+      o[j][1] *= c0;
+      o[j][2] *= c1;
+      o[j][3] *= c1;
+    }
+    const float n0 = -x0 * LOG2E, n1 = -x1 * LOG2E;
+#pragma unroll
+    for (unsigned j = 0; j < BC / 8; ++j) {
+      s[j][0] = ex2(fmaf(s[j][0], LOG2E, n0));
+      s[j][1] = ex2(fmaf(s[j][1], LOG2E, n0));
+      s[j][2] = ex2(fmaf(s[j][2], LOG2E, n1));
+      s[j][3] = ex2(fmaf(s[j][3], LOG2E, n1));
+      s0 += s[j][0] + s[j][1];
+      s1 += s[j][2] + s[j][3];
+    }
+
+    // O += P·V, 16 keys a step: the score accumulators of two key groups are P's A fragment.
+#pragma unroll
+    for (unsigned kc = 0; kc < BC / 16; ++kc) {
+      const unsigned pa[4] = {pack2(s[2 * kc][0], s[2 * kc][1]),
+                              pack2(s[2 * kc][2], s[2 * kc][3]),
+                              pack2(s[2 * kc + 1][0], s[2 * kc + 1][1]),
+                              pack2(s[2 * kc + 1][2], s[2 * kc + 1][3])};
+#pragma unroll
+      for (unsigned j = 0; j < D / 8; ++j) {
+        const h16* vr = vt + (j * 8u + g) * VS + kc * 16u + 2u * t;
+        mma16816(o[j], pa, *reinterpret_cast<const unsigned*>(vr),
+                 *reinterpret_cast<const unsigned*>(vr + 8));
+      }
+    }
+  }
+
+#pragma unroll
+  for (int off = 1; off <= 2; off <<= 1) {
+    s0 += __shfl_xor_sync(0xffffffffu, s0, off);
+    s1 += __shfl_xor_sync(0xffffffffu, s1, off);
+  }
+  const float i0 = 1.f / s0, i1 = 1.f / s1;
+  const unsigned inner = heads * d, r0 = q0 + g, r1 = q0 + g + 8u;
+  h16* ob = out + (size_t)item * l * inner + head * d;
+#pragma unroll
+  for (unsigned j = 0; j < D / 8; ++j) {
+    const unsigned col = j * 8u + 2u * t;
+    if (col < d) {
+      if (r0 < l)
+        *reinterpret_cast<unsigned*>(ob + (size_t)r0 * inner + col) =
+            pack2(o[j][0] * i0, o[j][1] * i0);
+      if (r1 < l)
+        *reinterpret_cast<unsigned*>(ob + (size_t)r1 * inner + col) =
+            pack2(o[j][2] * i1, o[j][3] * i1);
+    }
+  }
+}
+
+#define FLASH_KERNEL(D)                                                                         \
+  extern "C" __global__ void __launch_bounds__(256)                                             \
+      flash_attention_##D(const h16* __restrict__ q, const h16* __restrict__ k,                 \
+                          const h16* __restrict__ v, h16* __restrict__ out, unsigned l,         \
+                          unsigned lk, unsigned d, unsigned heads, unsigned q_stride,           \
+                          unsigned kv_stride) {                                                 \
+    flash<D>(q, k, v, out, l, lk, d, heads, q_stride, kv_stride);                               \
+  }
+FLASH_KERNEL(16)
+FLASH_KERNEL(32)
+FLASH_KERNEL(48)
+FLASH_KERNEL(64)
+FLASH_KERNEL(80)
+FLASH_KERNEL(96)
+FLASH_KERNEL(128)
+FLASH_KERNEL(160)
 "#;
 
     static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
@@ -457,7 +677,12 @@ extern "C" __global__ void softmax_rows(h16* __restrict__ s, unsigned cols) {
     fn func(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
         let ptx = PTX
             .get_or_init(|| {
-                nvrtc::compile_ptx(SOURCE)
+                // compute_80: the attention's mma.sync m16n8k16 (Ampere and later).
+                let options = nvrtc::CompileOptions {
+                    arch: Some("compute_80"),
+                    ..Default::default()
+                };
+                nvrtc::compile_ptx_with_opts(SOURCE, options)
                     .map(|p| p.to_src())
                     .map_err(|e| e.to_string())
             })
@@ -861,6 +1086,9 @@ extern "C" __global__ void softmax_rows(h16* __restrict__ s, unsigned cols) {
         Ok(Some(wrap(out, &dev, shape)))
     }
 
+    /// Head dims (rounded up to 16) with a `flash_attention_{D}` kernel.
+    const FLASH_DIMS: [usize; 8] = [16, 32, 48, 64, 80, 96, 128, 160];
+
     pub(super) fn attention(
         q_or_qkv: &Tensor,
         kv: Option<&Tensor>,
@@ -900,6 +1128,46 @@ extern "C" __global__ void softmax_rows(h16* __restrict__ s, unsigned cols) {
         }
         let dev = device(q_or_qkv)?;
         let stream = dev.cuda_stream();
+        let padded = d.next_multiple_of(16);
+        if super::flash_attention()
+            && d.is_multiple_of(8)
+            && FLASH_DIMS.contains(&padded)
+            && l.div_ceil(128) <= u32::MAX as usize
+            && heads <= 65_535
+            && b <= 65_535
+        {
+            // SAFETY: the kernel writes every output element.
+            let mut out = unsafe { dev.alloc::<f16>(b * l * inner)? };
+            let launched = with_view(q_or_qkv, |qv| {
+                let (q_ptr, _gq) = qv.device_ptr(&stream);
+                let (o_ptr, _go) = out.device_ptr_mut(&stream);
+                let flash = |k_ptr: u64, v_ptr: u64| -> Result<bool> {
+                    // 16-byte loads of q, k and v rows: every row start and head must be aligned.
+                    if [q_ptr, k_ptr, v_ptr, o_ptr].iter().any(|p| p % 16 != 0) {
+                        return Ok(false);
+                    }
+                    let cfg = LaunchConfig {
+                        grid_dim: (l.div_ceil(128) as u32, heads as u32, b as u32),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    launch!(&dev, &format!("flash_attention_{padded}"), cfg;
+                        &q_ptr, &k_ptr, &v_ptr, &o_ptr, &(l as u32), &(lk as u32), &(d as u32),
+                        &(heads as u32), &(width as u32), &(ld_kv as u32));
+                    Ok(true)
+                };
+                match kv {
+                    None => flash(q_ptr + 2 * inner as u64, q_ptr + 4 * inner as u64),
+                    Some(kv) => with_view(kv, |kvv| {
+                        let (kv_ptr, _gk) = kvv.device_ptr(&stream);
+                        flash(kv_ptr, kv_ptr + 2 * inner as u64)
+                    }),
+                }
+            })?;
+            if launched {
+                return Ok(Some(wrap(out, &dev, (b, l, inner))));
+            }
+        }
         // Queries per block: the block's scores (all heads) take at most SCORES_BYTES, about
         // half of an H100's or H200's 50 MB L2, so the softmax and the second product read them
         // from the cache.

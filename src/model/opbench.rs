@@ -29,6 +29,8 @@ pub struct OpsOptions {
     pub reps: usize,
     /// ragar's CUDA kernels ([`super::kernels`]) in its group norm, attention and convolutions.
     pub fused_kernels: bool,
+    /// Attention in one fused pass where the kernels apply ([`kernels::set_flash_attention`]).
+    pub flash_attention: bool,
 }
 
 impl Default for OpsOptions {
@@ -39,6 +41,7 @@ impl Default for OpsOptions {
             batch: 1,
             reps: 20,
             fused_kernels: true,
+            flash_attention: true,
         }
     }
 }
@@ -60,7 +63,7 @@ struct Op {
 }
 
 /// Times the operations; returns `{"device", "dtype", "batch", "small", "ops": [{"name", "ms",
-/// "tflops" | "gbps"}]}`.
+/// "tflops" | "gbps"}], "attention": [...]}` (the last from [`attention_paths`]).
 pub fn bench_ops(options: &OpsOptions) -> Result<serde_json::Value, ModelError> {
     if options.batch == 0 || options.reps == 0 {
         return Err(ModelError::Unsupported(
@@ -74,6 +77,8 @@ pub fn bench_ops(options: &OpsOptions) -> Result<serde_json::Value, ModelError> 
     };
     let dtype = dtype_for(&device);
     super::kernels::set_fused(options.fused_kernels);
+    let attention = attention_paths(options, &device, dtype)?;
+    super::kernels::set_flash_attention(options.flash_attention);
     let ops = operations(options, &device, dtype)?;
     let mut rows = Vec::with_capacity(ops.len());
     for op in ops {
@@ -102,8 +107,82 @@ pub fn bench_ops(options: &OpsOptions) -> Result<serde_json::Value, ModelError> 
         "batch": options.batch,
         "small": options.small,
         "fused_kernels": options.fused_kernels,
+        "flash_attention": options.flash_attention,
         "ops": rows,
+        "attention": attention,
     }))
+}
+
+/// Where ragar's attention kernels apply (CUDA, f16): both attention paths at SD1.5's shapes
+/// (self attention at each level, cross attention against 77 tokens, and a length that is not a
+/// multiple of the kernels' tiles), on the same seeded inputs. Per shape: the mean ms of each,
+/// and `max |flash − blocked| / max |blocked|`, the check that the fused pass computes the same
+/// attention. Empty elsewhere.
+fn attention_paths(
+    options: &OpsOptions,
+    device: &Device,
+    dtype: DType,
+) -> Result<Vec<serde_json::Value>, ModelError> {
+    let b = 2 * options.batch;
+    let mut rows = Vec::new();
+    // (name, queries, context tokens for cross attention, heads, head dim)
+    let shapes = [
+        ("self.4096tok.d40", 4096, None, 8, 40),
+        ("cross.4096tok.77ctx.d40", 4096, Some(77), 8, 40),
+        ("self.1024tok.d80", 1024, None, 8, 80),
+        ("cross.1024tok.77ctx.d80", 1024, Some(77), 8, 80),
+        ("self.256tok.d160", 256, None, 8, 160),
+        ("self.64tok.d160", 64, None, 8, 160),
+        ("self.100tok.d40", 100, None, 8, 40),
+    ];
+    for (i, (name, l, ctx, heads, d)) in shapes.into_iter().enumerate() {
+        let inner = heads * d;
+        // Seeded on the CPU, so both paths (and every run) see the same values; q, k and v of
+        // unit variance over √d, so the softmax is neither flat nor one-hot.
+        let seeded = |salt: u64, dims: &[usize]| -> candle_core::Result<Tensor> {
+            let n: usize = dims.iter().product();
+            let scale = (d as f32).powf(-0.25);
+            let values = super::diffusion::seeded_noise(100 * i as u64 + salt, n);
+            Tensor::from_vec(values, dims, &Device::Cpu)?
+                .affine(f64::from(scale), 0.0)?
+                .to_device(device)?
+                .to_dtype(dtype)
+        };
+        let (q, kv) = match ctx {
+            None => (seeded(1, &[b, l, 3 * inner])?, None),
+            Some(lk) => (
+                seeded(1, &[b, l, inner])?,
+                Some(seeded(2, &[b, lk, 2 * inner])?),
+            ),
+        };
+        let mut outputs = Vec::new();
+        let mut row = serde_json::Map::new();
+        row.insert("name".into(), name.into());
+        for (path, flash) in [("flash", true), ("blocked", false)] {
+            kernels::set_flash_attention(flash);
+            let run = || kernels::attention(&q, kv.as_ref(), heads, d);
+            let Some(out) = run()? else {
+                return Ok(Vec::new());
+            };
+            device.synchronize()?;
+            let started = Instant::now();
+            for _ in 0..options.reps {
+                drop(run()?);
+            }
+            device.synchronize()?;
+            let ms = started.elapsed().as_secs_f64() * 1e3 / options.reps as f64;
+            row.insert(format!("{path}_ms"), ms.into());
+            outputs.push(out.to_dtype(DType::F32)?);
+        }
+        let scale = outputs[1].abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = (&outputs[0] - &outputs[1])?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        row.insert("rel_diff".into(), f64::from(diff / scale).into());
+        rows.push(serde_json::Value::Object(row));
+    }
+    Ok(rows)
 }
 
 fn operations(options: &OpsOptions, device: &Device, dtype: DType) -> Result<Vec<Op>, ModelError> {
@@ -264,7 +343,7 @@ mod tests {
             small: true,
             batch: 1,
             reps: 1,
-            fused_kernels: true,
+            ..OpsOptions::default()
         })
         .unwrap();
         let ops = out["ops"].as_array().unwrap();
@@ -280,6 +359,8 @@ mod tests {
             assert!(rate > 0.0 && rate.is_finite(), "{op}");
         }
         assert_eq!(out["dtype"], "f32");
+        // The attention kernels do not apply on the CPU.
+        assert_eq!(out["attention"], serde_json::json!([]));
         assert!(bench_ops(&OpsOptions {
             batch: 0,
             ..OpsOptions::default()

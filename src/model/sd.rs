@@ -1748,6 +1748,8 @@ pub struct BenchOptions {
     pub tf32: bool,
     /// ragar's UNet with its CUDA kernels ([`super::kernels`]) where they apply.
     pub fused_kernels: bool,
+    /// Attention in one fused pass where the kernels apply ([`super::kernels::set_flash_attention`]).
+    pub flash_attention: bool,
 }
 
 impl Default for BenchOptions {
@@ -1762,6 +1764,7 @@ impl Default for BenchOptions {
             candle_transformers_unet: false,
             tf32: true,
             fused_kernels: true,
+            flash_attention: true,
         }
     }
 }
@@ -1884,6 +1887,7 @@ pub fn bench(options: &BenchOptions) -> Result<serde_json::Value, ModelError> {
     let dtype = dtype_for(&device);
     allow_tf32(options.tf32);
     super::kernels::set_fused(options.fused_kernels);
+    super::kernels::set_flash_attention(options.flash_attention);
     let cfg = if options.tiny {
         SdConfig::tiny()
     } else {
@@ -1973,6 +1977,7 @@ pub fn bench(options: &BenchOptions) -> Result<serde_json::Value, ModelError> {
     );
     out.insert("tf32".into(), options.tf32.into());
     out.insert("fused_kernels".into(), options.fused_kernels.into());
+    out.insert("flash_attention".into(), options.flash_attention.into());
     out.insert("build_s".into(), build_s.into());
     // The comparison runs first, so that an error in either UNet stops the run before timing.
     out.insert(
@@ -2370,7 +2375,7 @@ mod tests {
             reps_one_step: 1,
             candle_transformers_unet: false,
             tf32: true,
-            fused_kernels: true,
+            ..BenchOptions::default()
         })
         .unwrap();
         for key in [
@@ -2407,7 +2412,7 @@ mod tests {
             reps_one_step: 1,
             candle_transformers_unet: true,
             tf32: true,
-            fused_kernels: true,
+            ..BenchOptions::default()
         })
         .unwrap();
         assert_eq!(theirs["unet"], "candle-transformers");
