@@ -282,25 +282,44 @@ impl LanceStore {
     /// drain timed out) can both append it; readers show an event once ([`Self::recent`],
     /// [`Self::nearest`]).
     pub async fn insert_interactions(&self, rows: &[HistoryEntry]) -> Result<u64, LanceError> {
+        let fresh = self.fresh_interactions(rows, &HashSet::new()).await?;
+        let fresh: Vec<&HistoryEntry> = fresh.into_iter().map(|i| &rows[i]).collect();
+        self.append_interactions(&fresh).await
+    }
+
+    /// The positions in `rows` of the interactions to append: the first row of each event id,
+    /// leaving out event ids the table holds already and those in `skip` (an append in flight).
+    pub async fn fresh_interactions(
+        &self,
+        rows: &[HistoryEntry],
+        skip: &HashSet<String>,
+    ) -> Result<Vec<usize>, LanceError> {
+        let mut seen = HashSet::with_capacity(rows.len());
+        let unique: Vec<(usize, &HistoryEntry)> = rows
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !skip.contains(&r.event_id) && seen.insert(r.event_id.as_str()))
+            .collect();
+        if unique.is_empty() {
+            return Ok(Vec::new());
+        }
+        let entries: Vec<&HistoryEntry> = unique.iter().map(|(_, r)| *r).collect();
+        let stored = self.stored_event_ids(&entries).await?;
+        Ok(unique
+            .into_iter()
+            .filter(|(_, r)| !stored.contains(r.event_id.as_str()))
+            .map(|(i, _)| i)
+            .collect())
+    }
+
+    /// Appends `rows` as they are (the caller left out the stored ones); returns rows appended.
+    pub async fn append_interactions(&self, rows: &[&HistoryEntry]) -> Result<u64, LanceError> {
         if rows.is_empty() {
             return Ok(0);
         }
-        let mut seen = HashSet::with_capacity(rows.len());
-        let unique: Vec<&HistoryEntry> = rows
-            .iter()
-            .filter(|r| seen.insert(r.event_id.as_str()))
-            .collect();
-        let stored = self.stored_event_ids(&unique).await?;
-        let fresh: Vec<&HistoryEntry> = unique
-            .into_iter()
-            .filter(|r| !stored.contains(r.event_id.as_str()))
-            .collect();
-        if fresh.is_empty() {
-            return Ok(0);
-        }
-        let batch = self.interactions_batch(&fresh)?;
+        let batch = self.interactions_batch(rows)?;
         self.interactions.add(batch).execute().await?;
-        Ok(fresh.len() as u64)
+        Ok(rows.len() as u64)
     }
 
     /// The event ids among `rows` that the interactions table holds already.
@@ -981,6 +1000,28 @@ mod tests {
         mixed.push(entry("e6", "u2", "i2", 50, [0.0, 1.0, 0.0, 0.0]));
         assert_eq!(store.insert_interactions(&mixed).await.unwrap(), 1);
         assert_eq!(store.count_interactions(None).await.unwrap(), 6);
+    }
+
+    #[tokio::test]
+    async fn fresh_rows_leave_out_stored_ids_ids_in_flight_and_repeats() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir).await;
+        store.insert_interactions(&sample()[..2]).await.unwrap();
+        // e1 and e2 are stored, e5 is being appended by the write before, e3 comes twice (the
+        // first wins).
+        let mut rows = sample();
+        rows.push(entry("e3", "u1", "i9", 99, [0.0, 0.0, 1.0, 0.0]));
+        let skip: HashSet<String> = ["e5".to_string()].into();
+        let fresh = store.fresh_interactions(&rows, &skip).await.unwrap();
+        assert_eq!(fresh, [2, 3]);
+        let fresh: Vec<&HistoryEntry> = fresh.iter().map(|&i| &rows[i]).collect();
+        assert_eq!(store.append_interactions(&fresh).await.unwrap(), 2);
+        assert_eq!(store.append_interactions(&[]).await.unwrap(), 0);
+        assert_eq!(
+            ids(&store.recent("u1", 10).await.unwrap()),
+            ["e4", "e2", "e3", "e1"]
+        );
+        assert_eq!(store.count_interactions(None).await.unwrap(), 4);
     }
 
     #[tokio::test]

@@ -4,12 +4,13 @@
 //! `lance.batch_linger`). For each batch: malformed messages go to the DLQ; items are upserted
 //! (LanceDB, then the Redis cache); interactions go to the users' Redis windows as they are met,
 //! so a display later in the batch sees them, and are queued for the LanceDB writer, which folds
-//! everything queued during its previous write into one deduplicated append (group commit); a
+//! everything queued during its previous write into one deduplicated append (group commit) and
+//! runs each write's query for stored event ids while the previous write appends; a
 //! display reads the user's history (LanceDB, Redis, and what the writer has not finished yet),
 //! weighs it against the reference (preference extraction) and is handed to the generation stage.
 //! Items and interactions are acknowledged only once LanceDB has them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -257,15 +258,39 @@ impl HistoryStage {
         Ok(())
     }
 
-    /// The LanceDB writer: one write at a time, each taking every group queued since the last
-    /// (up to `WRITE_MAX_BATCHES` micro-batches). Stops when the stage closes the queue, or
-    /// when the worker aborts (the queue's sender then sees it gone).
+    /// The LanceDB writer. Each write takes every group queued since the last (up to
+    /// `WRITE_MAX_BATCHES` micro-batches: group commit), and consecutive writes overlap: a write's
+    /// query for the event ids stored already runs while the previous write's append does, leaving
+    /// out the ids being appended, so the appends alone pace the writer. Writes complete in order;
+    /// a write whose append fails is done again whole, with retries ([`Self::persist`]), and the
+    /// write after one that was dead-lettered is done again whole too (it left out ids that were
+    /// never stored). Stops when the stage closes the queue, or when the worker aborts (the
+    /// queue's sender then sees it gone).
     async fn write_loop(
         self: Arc<Self>,
         mut rx: mpsc::Receiver<WriteGroup>,
         unwritten: Arc<Unwritten>,
     ) {
-        while let Some(first) = rx.recv().await {
+        let mut inflight: Option<Append> = None;
+        loop {
+            let next = match inflight.as_mut() {
+                Some(append) => tokio::select! {
+                    done = &mut append.task => Next::Appended(done),
+                    group = rx.recv() => Next::Group(group),
+                },
+                None => Next::Group(rx.recv().await),
+            };
+            let first = match next {
+                Next::Appended(done) => {
+                    let append = inflight.take().expect("an append was in flight");
+                    if self.finish(append, done, &unwritten).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                Next::Group(None) => break,
+                Next::Group(Some(first)) => first,
+            };
             let mut groups = vec![first];
             while groups.len() < WRITE_MAX_BATCHES {
                 match rx.try_recv() {
@@ -274,9 +299,9 @@ impl HistoryStage {
                 }
             }
             let n = groups.len();
-            let result = if n == 1 {
+            let (entries, msgs) = if n == 1 {
                 let g = groups.pop().expect("one group");
-                self.persist(&g.entries, g.msgs).await
+                (g.entries, g.msgs)
             } else {
                 let rows = groups.iter().map(|g| g.entries.len()).sum();
                 let mut entries = Vec::with_capacity(rows);
@@ -285,18 +310,106 @@ impl HistoryStage {
                     entries.extend(g.entries.iter().cloned());
                     msgs.extend(g.msgs);
                 }
-                self.persist(&entries, msgs).await
+                (Arc::new(entries), msgs)
             };
-            // Durable (or dead-lettered): displays find these in LanceDB from now on.
-            unwritten.pop(n);
-            if result.is_err() {
-                return;
+            let started = Instant::now();
+            let empty = HashSet::new();
+            let skip = inflight.as_ref().map_or(&empty, |a| &a.ids);
+            // An error here is retried below, with the write done whole.
+            let mut fresh = self.history.fresh_interactions(&entries, skip).await.ok();
+            let lookup = started.elapsed();
+            if let Some(mut previous) = inflight.take() {
+                let done = (&mut previous.task).await;
+                match self.finish(previous, done, &unwritten).await {
+                    Ok(true) => {}
+                    Ok(false) => fresh = None,
+                    Err(Aborted) => return,
+                }
             }
+            match fresh {
+                Some(positions) => {
+                    inflight = Some(self.start_append(entries, positions, msgs, n, lookup));
+                }
+                None => {
+                    let result = self.persist(&entries, msgs).await;
+                    // Durable (or dead-lettered): displays find these in LanceDB from now on.
+                    unwritten.pop(n);
+                    if result.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        if let Some(mut last) = inflight.take() {
+            let done = (&mut last.task).await;
+            let _ = self.finish(last, done, &unwritten).await;
         }
     }
 
-    /// Makes a batch's interactions durable, then acknowledges them.
-    async fn persist(&self, entries: &[HistoryEntry], msgs: Vec<Consumed>) -> Result<(), Aborted> {
+    /// Appends `entries[positions]` in a task of its own.
+    fn start_append(
+        &self,
+        entries: Arc<Vec<HistoryEntry>>,
+        positions: Vec<usize>,
+        msgs: Vec<Consumed>,
+        groups: usize,
+        lookup: Duration,
+    ) -> Append {
+        let ids = positions
+            .iter()
+            .map(|&i| entries[i].event_id.clone())
+            .collect();
+        let history = Arc::clone(&self.history);
+        let rows = Arc::clone(&entries);
+        let task = tokio::spawn(async move {
+            let started = Instant::now();
+            let refs: Vec<&HistoryEntry> = positions.iter().map(|&i| &rows[i]).collect();
+            let result = history.append_interactions(&refs).await;
+            (result, lookup + started.elapsed())
+        });
+        Append {
+            task,
+            entries,
+            msgs,
+            groups,
+            ids,
+        }
+    }
+
+    /// Completes an append: acknowledges its messages, or does the write again whole when the
+    /// append failed. Returns whether its interactions are durable (false: dead-lettered).
+    async fn finish(
+        &self,
+        append: Append,
+        done: AppendResult,
+        unwritten: &Unwritten,
+    ) -> Result<bool, Aborted> {
+        let result = match done {
+            Ok((Ok(inserted), took)) => {
+                self.written(append.entries.len(), inserted, took, &append.msgs);
+                Ok(true)
+            }
+            Ok((Err(e), _)) => {
+                tracing::warn!(error = %e, "LanceDB append failed; writing the batch again");
+                self.persist(&append.entries, append.msgs).await
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "LanceDB append task failed; writing the batch again");
+                self.persist(&append.entries, append.msgs).await
+            }
+        };
+        // Durable (or dead-lettered): displays find these in LanceDB from now on.
+        unwritten.pop(append.groups);
+        result
+    }
+
+    /// Makes a batch's interactions durable, then acknowledges them; returns whether they are
+    /// durable (false: LanceDB refused them for good and they were dead-lettered).
+    async fn persist(
+        &self,
+        entries: &[HistoryEntry],
+        msgs: Vec<Consumed>,
+    ) -> Result<bool, Aborted> {
         // Times the write alone, not the wait for the previous one nor this batch's other work.
         let started = Instant::now();
         match self
@@ -306,23 +419,28 @@ impl HistoryStage {
             .await
         {
             Ok(inserted) => {
-                metrics::counter!(names::LANCE_ROWS).increment(inserted);
-                let duplicates = entries.len() as u64 - inserted.min(entries.len() as u64);
-                metrics::counter!(names::EVENTS, "type" => "interaction", "outcome" => "ok")
-                    .increment(inserted);
-                metrics::counter!(names::EVENTS, "type" => "interaction", "outcome" => "duplicate")
-                    .increment(duplicates);
-                metrics::histogram!(names::STAGE_SECONDS, "stage" => "history_write")
-                    .record(started.elapsed().as_secs_f64());
-                self.complete_all(&msgs);
-                Ok(())
+                self.written(entries.len(), inserted, started.elapsed(), &msgs);
+                Ok(true)
             }
             Err(Failure::Permanent(e)) => {
                 self.dead_letter_all(msgs, &e, "interaction");
-                Ok(())
+                Ok(false)
             }
             Err(Failure::Aborted) => Err(Aborted),
         }
+    }
+
+    /// Counts a durable write of `rows` interactions (`inserted` new) and acknowledges `msgs`.
+    fn written(&self, rows: usize, inserted: u64, took: Duration, msgs: &[Consumed]) {
+        metrics::counter!(names::LANCE_ROWS).increment(inserted);
+        let duplicates = rows as u64 - inserted.min(rows as u64);
+        metrics::counter!(names::EVENTS, "type" => "interaction", "outcome" => "ok")
+            .increment(inserted);
+        metrics::counter!(names::EVENTS, "type" => "interaction", "outcome" => "duplicate")
+            .increment(duplicates);
+        metrics::histogram!(names::STAGE_SECONDS, "stage" => "history_write")
+            .record(took.as_secs_f64());
+        self.complete_all(msgs);
     }
 
     fn complete_all(&self, msgs: &[Consumed]) {
@@ -643,6 +761,25 @@ fn decode_batch(
 const WRITE_QUEUE: usize = 8;
 /// Micro-batches the writer folds into one LanceDB commit at most.
 const WRITE_MAX_BATCHES: usize = 16;
+
+/// A write whose append runs: what it acknowledges, and the event ids it appends.
+struct Append {
+    task: tokio::task::JoinHandle<(Result<u64, LanceError>, Duration)>,
+    entries: Arc<Vec<HistoryEntry>>,
+    msgs: Vec<Consumed>,
+    /// Micro-batches it covers (popped from [`Unwritten`] once it completes).
+    groups: usize,
+    ids: HashSet<String>,
+}
+
+/// An append's outcome and how long its write took (the stored-id query included).
+type AppendResult = Result<(Result<u64, LanceError>, Duration), tokio::task::JoinError>;
+
+/// What the writer waits for: the append in flight, or the next write's groups.
+enum Next {
+    Appended(AppendResult),
+    Group(Option<WriteGroup>),
+}
 
 /// One micro-batch's interactions and the messages they acknowledge once durable.
 struct WriteGroup {

@@ -258,6 +258,21 @@ impl History {
         self.lance.insert_interactions(entries).await
     }
 
+    /// [`Self::persist_interactions`] in two steps, so that the next write's query for stored
+    /// event ids can run while this write's append does: the positions of the entries to append
+    /// (leaving out stored event ids and those of `skip`, the append in flight), then the append.
+    pub async fn fresh_interactions(
+        &self,
+        entries: &[HistoryEntry],
+        skip: &HashSet<String>,
+    ) -> Result<Vec<usize>, LanceError> {
+        self.lance.fresh_interactions(entries, skip).await
+    }
+
+    pub async fn append_interactions(&self, entries: &[&HistoryEntry]) -> Result<u64, LanceError> {
+        self.lance.append_interactions(entries).await
+    }
+
     /// The user's history for a display, newest first: the Redis window, else LanceDB (merged with
     /// `pending`, this batch's earlier interactions that are not durable yet). When the window is
     /// full, the user's `k` entries most similar to `reference` are searched in LanceDB too.
