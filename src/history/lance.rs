@@ -282,23 +282,25 @@ impl LanceStore {
     /// drain timed out) can both append it; readers show an event once ([`Self::recent`],
     /// [`Self::nearest`]).
     pub async fn insert_interactions(&self, rows: &[HistoryEntry]) -> Result<u64, LanceError> {
-        let fresh = self.fresh_interactions(rows, &HashSet::new()).await?;
+        let fresh = self.fresh_interactions(rows, &[]).await?;
         let fresh: Vec<&HistoryEntry> = fresh.into_iter().map(|i| &rows[i]).collect();
         self.append_interactions(&fresh).await
     }
 
     /// The positions in `rows` of the interactions to append: the first row of each event id,
-    /// leaving out event ids the table holds already and those in `skip` (an append in flight).
+    /// leaving out event ids the table holds already and those in `skip` (appends in flight).
     pub async fn fresh_interactions(
         &self,
         rows: &[HistoryEntry],
-        skip: &HashSet<String>,
+        skip: &[&HashSet<String>],
     ) -> Result<Vec<usize>, LanceError> {
         let mut seen = HashSet::with_capacity(rows.len());
         let unique: Vec<(usize, &HistoryEntry)> = rows
             .iter()
             .enumerate()
-            .filter(|(_, r)| !skip.contains(&r.event_id) && seen.insert(r.event_id.as_str()))
+            .filter(|(_, r)| {
+                !skip.iter().any(|s| s.contains(&r.event_id)) && seen.insert(r.event_id.as_str())
+            })
             .collect();
         if unique.is_empty() {
             return Ok(Vec::new());
@@ -1012,7 +1014,7 @@ mod tests {
         let mut rows = sample();
         rows.push(entry("e3", "u1", "i9", 99, [0.0, 0.0, 1.0, 0.0]));
         let skip: HashSet<String> = ["e5".to_string()].into();
-        let fresh = store.fresh_interactions(&rows, &skip).await.unwrap();
+        let fresh = store.fresh_interactions(&rows, &[&skip]).await.unwrap();
         assert_eq!(fresh, [2, 3]);
         let fresh: Vec<&HistoryEntry> = fresh.iter().map(|&i| &rows[i]).collect();
         assert_eq!(store.append_interactions(&fresh).await.unwrap(), 2);

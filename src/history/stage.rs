@@ -5,12 +5,12 @@
 //! (LanceDB, then the Redis cache); interactions go to the users' Redis windows as they are met,
 //! so a display later in the batch sees them, and are queued for the LanceDB writer, which folds
 //! everything queued during its previous write into one deduplicated append (group commit) and
-//! runs each write's query for stored event ids while the previous write appends; a
+//! runs each write's query for stored event ids while earlier writes append; a
 //! display reads the user's history (LanceDB, Redis, and what the writer has not finished yet),
 //! weighs it against the reference (preference extraction) and is handed to the generation stage.
 //! Items and interactions are acknowledged only once LanceDB has them.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -259,21 +259,21 @@ impl HistoryStage {
     }
 
     /// The LanceDB writer. Each write takes every group queued since the last (up to
-    /// `WRITE_MAX_BATCHES` micro-batches: group commit), and consecutive writes overlap: a write's
-    /// query for the event ids stored already runs while the previous write's append does, leaving
-    /// out the ids being appended, so the appends alone pace the writer. Writes complete in order;
-    /// a write whose append fails is done again whole, with retries ([`Self::persist`]), and the
-    /// write after one that was dead-lettered is done again whole too (it left out ids that were
-    /// never stored). Stops when the stage closes the queue, or when the worker aborts (the
-    /// queue's sender then sees it gone).
+    /// `WRITE_MAX_BATCHES` micro-batches: group commit), and writes overlap: a write's query for
+    /// the event ids stored already runs while earlier writes append, leaving out the ids they are
+    /// appending, and up to `APPENDS_IN_FLIGHT` appends run at once (LanceDB commits concurrent
+    /// appends one after the other). Writes complete in order. A write whose append fails is done
+    /// again whole, with retries ([`Self::persist`]); when one is dead-lettered, the writes that
+    /// left out its ids are done again whole too. Stops when the stage closes the queue, or when
+    /// the worker aborts (the queue's sender then sees it gone).
     async fn write_loop(
         self: Arc<Self>,
         mut rx: mpsc::Receiver<WriteGroup>,
         unwritten: Arc<Unwritten>,
     ) {
-        let mut inflight: Option<Append> = None;
+        let mut inflight: VecDeque<Append> = VecDeque::new();
         loop {
-            let next = match inflight.as_mut() {
+            let next = match inflight.front_mut() {
                 Some(append) => tokio::select! {
                     done = &mut append.task => Next::Appended(done),
                     group = rx.recv() => Next::Group(group),
@@ -282,8 +282,12 @@ impl HistoryStage {
             };
             let first = match next {
                 Next::Appended(done) => {
-                    let append = inflight.take().expect("an append was in flight");
-                    if self.finish(append, done, &unwritten).await.is_err() {
+                    let append = inflight.pop_front().expect("an append was in flight");
+                    if self
+                        .finish(append, done, &mut inflight, &unwritten)
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                     continue;
@@ -313,22 +317,33 @@ impl HistoryStage {
                 (Arc::new(entries), msgs)
             };
             let started = Instant::now();
-            let empty = HashSet::new();
-            let skip = inflight.as_ref().map_or(&empty, |a| &a.ids);
+            let skip: Vec<&HashSet<String>> = inflight.iter().map(|a| &a.ids).collect();
             // An error here is retried below, with the write done whole.
-            let mut fresh = self.history.fresh_interactions(&entries, skip).await.ok();
+            let mut fresh = self.history.fresh_interactions(&entries, &skip).await.ok();
             let lookup = started.elapsed();
-            if let Some(mut previous) = inflight.take() {
-                let done = (&mut previous.task).await;
-                match self.finish(previous, done, &unwritten).await {
+            // Room for this append; a write done whole completes in order, so every append
+            // before it finishes first.
+            let mut room = if fresh.is_some() {
+                APPENDS_IN_FLIGHT - 1
+            } else {
+                0
+            };
+            while inflight.len() > room {
+                let mut oldest = inflight.pop_front().expect("an append is in flight");
+                let done = (&mut oldest.task).await;
+                match self.finish(oldest, done, &mut inflight, &unwritten).await {
                     Ok(true) => {}
-                    Ok(false) => fresh = None,
+                    // This write left out the dead-lettered write's ids too.
+                    Ok(false) => {
+                        fresh = None;
+                        room = 0;
+                    }
                     Err(Aborted) => return,
                 }
             }
             match fresh {
                 Some(positions) => {
-                    inflight = Some(self.start_append(entries, positions, msgs, n, lookup));
+                    inflight.push_back(self.start_append(entries, positions, msgs, n, lookup));
                 }
                 None => {
                     let result = self.persist(&entries, msgs).await;
@@ -340,9 +355,15 @@ impl HistoryStage {
                 }
             }
         }
-        if let Some(mut last) = inflight.take() {
-            let done = (&mut last.task).await;
-            let _ = self.finish(last, done, &unwritten).await;
+        while let Some(mut oldest) = inflight.pop_front() {
+            let done = (&mut oldest.task).await;
+            if self
+                .finish(oldest, done, &mut inflight, &unwritten)
+                .await
+                .is_err()
+            {
+                return;
+            }
         }
     }
 
@@ -373,18 +394,23 @@ impl HistoryStage {
             msgs,
             groups,
             ids,
+            redo: false,
         }
     }
 
-    /// Completes an append: acknowledges its messages, or does the write again whole when the
-    /// append failed. Returns whether its interactions are durable (false: dead-lettered).
+    /// Completes the oldest append: acknowledges its messages, or does the write again whole when
+    /// the append failed or left out the ids of a write that was then dead-lettered. Returns
+    /// whether its interactions are durable (false: dead-lettered, and every append still in
+    /// flight left out its ids, so each is marked to be done again whole).
     async fn finish(
         &self,
         append: Append,
         done: AppendResult,
+        later: &mut VecDeque<Append>,
         unwritten: &Unwritten,
     ) -> Result<bool, Aborted> {
         let result = match done {
+            _ if append.redo => self.persist(&append.entries, append.msgs).await,
             Ok((Ok(inserted), took)) => {
                 self.written(append.entries.len(), inserted, took, &append.msgs);
                 Ok(true)
@@ -400,6 +426,11 @@ impl HistoryStage {
         };
         // Durable (or dead-lettered): displays find these in LanceDB from now on.
         unwritten.pop(append.groups);
+        if let Ok(false) = result {
+            for a in later.iter_mut() {
+                a.redo = true;
+            }
+        }
         result
     }
 
@@ -761,6 +792,8 @@ fn decode_batch(
 const WRITE_QUEUE: usize = 8;
 /// Micro-batches the writer folds into one LanceDB commit at most.
 const WRITE_MAX_BATCHES: usize = 16;
+/// LanceDB appends the writer runs at once.
+const APPENDS_IN_FLIGHT: usize = 2;
 
 /// A write whose append runs: what it acknowledges, and the event ids it appends.
 struct Append {
@@ -770,6 +803,8 @@ struct Append {
     /// Micro-batches it covers (popped from [`Unwritten`] once it completes).
     groups: usize,
     ids: HashSet<String>,
+    /// It left out the ids of an earlier write that was dead-lettered: done again whole.
+    redo: bool,
 }
 
 /// An append's outcome and how long its write took (the stored-id query included).

@@ -260,11 +260,11 @@ impl History {
 
     /// [`Self::persist_interactions`] in two steps, so that the next write's query for stored
     /// event ids can run while this write's append does: the positions of the entries to append
-    /// (leaving out stored event ids and those of `skip`, the append in flight), then the append.
+    /// (leaving out stored event ids and those of `skip`, the appends in flight), then the append.
     pub async fn fresh_interactions(
         &self,
         entries: &[HistoryEntry],
-        skip: &HashSet<String>,
+        skip: &[&HashSet<String>],
     ) -> Result<Vec<usize>, LanceError> {
         self.lance.fresh_interactions(entries, skip).await
     }
