@@ -329,9 +329,7 @@ impl HistoryStage {
                 0
             };
             while inflight.len() > room {
-                let mut oldest = inflight.pop_front().expect("an append is in flight");
-                let done = (&mut oldest.task).await;
-                match self.finish(oldest, done, &mut inflight, &unwritten).await {
+                match self.finish_oldest(&mut inflight, &unwritten).await {
                     Ok(true) => {}
                     // This write left out the dead-lettered write's ids too.
                     Ok(false) => {
@@ -355,16 +353,22 @@ impl HistoryStage {
                 }
             }
         }
-        while let Some(mut oldest) = inflight.pop_front() {
-            let done = (&mut oldest.task).await;
-            if self
-                .finish(oldest, done, &mut inflight, &unwritten)
-                .await
-                .is_err()
-            {
+        while !inflight.is_empty() {
+            if self.finish_oldest(&mut inflight, &unwritten).await.is_err() {
                 return;
             }
         }
+    }
+
+    /// Waits for the oldest append in flight (there is one) and [finishes](Self::finish) it.
+    async fn finish_oldest(
+        &self,
+        inflight: &mut VecDeque<Append>,
+        unwritten: &Unwritten,
+    ) -> Result<bool, Aborted> {
+        let mut oldest = inflight.pop_front().expect("an append is in flight");
+        let done = (&mut oldest.task).await;
+        self.finish(oldest, done, inflight, unwritten).await
     }
 
     /// Appends `entries[positions]` in a task of its own.

@@ -1132,7 +1132,6 @@ FLASH_KERNEL(160)
         if super::flash_attention()
             && d.is_multiple_of(8)
             && FLASH_DIMS.contains(&padded)
-            && l.div_ceil(128) <= u32::MAX as usize
             && heads <= 65_535
             && b <= 65_535
         {
