@@ -344,6 +344,14 @@ pub struct ModelsConfig {
     /// step climbs the `emoji` encoder's content cosine to the reference, so what is drawn stays
     /// while the style changes.
     pub generator_identity_guidance: f32,
+    /// Encoder style guidance scale of the `diffusion` generator in [0, 1000] (0: none): every
+    /// sampling step climbs the `emoji` encoder's style cosine to the preference's style block.
+    pub generator_encoder_style_guidance: f32,
+    /// Gradient steps of the encoder guidance (identity and style) per sampling step, 1..=16.
+    pub generator_guidance_iters: usize,
+    /// Fidelity floor of the `diffusion` generator in [0, 1) (0: none): each image's residual is
+    /// shrunk until the `emoji` encoder's content cosine to the reference reaches it.
+    pub generator_fidelity_floor: f32,
     /// The `sd` generator's model: a Stable Diffusion directory in the diffusers layout
     /// (`unet/`, `vae/`, `text_encoder/`, `tokenizer/tokenizer.json`, `scheduler/`).
     pub sd_dir: PathBuf,
@@ -376,6 +384,9 @@ impl Default for ModelsConfig {
             generator_steps: 0,
             generator_guidance: None,
             generator_identity_guidance: 0.0,
+            generator_encoder_style_guidance: 0.0,
+            generator_guidance_iters: 1,
+            generator_fidelity_floor: 0.0,
             sd_dir: PathBuf::from("models/stable-diffusion"),
             sd_steps: 20,
             sd_strength: 0.6,
@@ -724,6 +735,12 @@ impl Config {
         }
         crate::model::diffusion::check_identity_guidance(m.generator_identity_guidance)
             .map_err(|e| invalid("models.generator_identity_guidance", e))?;
+        crate::model::diffusion::check_encoder_style_guidance(m.generator_encoder_style_guidance)
+            .map_err(|e| invalid("models.generator_encoder_style_guidance", e))?;
+        crate::model::diffusion::check_guidance_iters(m.generator_guidance_iters)
+            .map_err(|e| invalid("models.generator_guidance_iters", e))?;
+        crate::model::diffusion::check_fidelity_floor(m.generator_fidelity_floor)
+            .map_err(|e| invalid("models.generator_fidelity_floor", e))?;
         if !(m.sd_strength > 0.0 && m.sd_strength <= 1.0) {
             return Err(invalid(
                 "models.sd_strength",
@@ -971,6 +988,18 @@ mod tests {
         assert_eq!(
             err_key("[models]\ngenerator_identity_guidance = -3.0\n", &[]),
             "models.generator_identity_guidance"
+        );
+        assert_eq!(
+            err_key("[models]\ngenerator_encoder_style_guidance = 1e9\n", &[]),
+            "models.generator_encoder_style_guidance"
+        );
+        assert_eq!(
+            err_key("[models]\ngenerator_guidance_iters = 0\n", &[]),
+            "models.generator_guidance_iters"
+        );
+        assert_eq!(
+            err_key("[models]\ngenerator_fidelity_floor = 1.0\n", &[]),
+            "models.generator_fidelity_floor"
         );
         assert_eq!(
             err_key("[models]\nsd_steps = 800\nsd_strength = 0.5\n", &[]),

@@ -80,6 +80,17 @@ enum Command {
         /// (0: none).
         #[arg(long, default_value_t = 0.0)]
         identity_guidance: f32,
+        /// Encoder style guidance scale of the generators: a climb of the item encoder's style
+        /// cosine to the preference's style block (0: none).
+        #[arg(long, default_value_t = 0.0)]
+        encoder_style_guidance: f32,
+        /// Gradient steps of the encoder guidance per sampling step.
+        #[arg(long, default_value_t = 1)]
+        guidance_iters: usize,
+        /// Fidelity floor of the generators: each image's residual is shrunk until the item
+        /// encoder's content cosine to the reference reaches it (0: none).
+        #[arg(long, default_value_t = 0.0)]
+        fidelity_floor: f32,
         /// Candidates per display in the best-of-N rows.
         #[arg(long, default_value_t = 4)]
         best_of: usize,
@@ -676,6 +687,9 @@ fn main() -> anyhow::Result<()> {
             steps,
             guidance,
             identity_guidance,
+            encoder_style_guidance,
+            guidance_iters,
+            fidelity_floor,
             best_of,
             generation_split,
             out,
@@ -730,10 +744,13 @@ fn main() -> anyhow::Result<()> {
                         Some(scale) => g.with_guidance(scale)?,
                         None => g,
                     };
-                    Ok(Some(g.with_identity_guidance(
-                        encoder.clone(),
-                        identity_guidance,
-                    )?))
+                    let scales = ragar::model::diffusion::EncoderScales {
+                        identity: identity_guidance,
+                        style: encoder_style_guidance,
+                        iters: guidance_iters,
+                        fidelity_floor,
+                    };
+                    Ok(Some(g.with_encoder_guidance(encoder.clone(), scales)?))
                 } else {
                     eprintln!(
                         "no generator bundle in {}: its rows are left out",

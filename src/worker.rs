@@ -131,8 +131,15 @@ impl Models {
                         ),
                     ));
                 }
+                let scales = crate::model::diffusion::EncoderScales {
+                    identity: cfg.generator_identity_guidance,
+                    style: cfg.generator_encoder_style_guidance,
+                    iters: cfg.generator_guidance_iters,
+                    fidelity_floor: cfg.generator_fidelity_floor,
+                };
+                // Every scale was checked with the config; what remains is the encoder match.
                 let generator = generator
-                    .with_identity_guidance(emoji.clone(), cfg.generator_identity_guidance)
+                    .with_encoder_guidance(emoji.clone(), scales)
                     .map_err(|e| invalid("models.generator_identity_guidance", e.to_string()))?;
                 Arc::new(generator)
             }

@@ -131,10 +131,86 @@ pub fn check_guidance(g: f32) -> Result<(), String> {
 /// An identity guidance scale is finite and in [0, 1000] (the gradient of a cosine over every
 /// pixel is small; on the EmojiStyle val set tens helped and 150 already overshot).
 pub fn check_identity_guidance(s: f32) -> Result<(), String> {
+    check_encoder_scale("identity guidance", s)
+}
+
+/// An encoder style guidance scale: the same range as identity guidance.
+pub fn check_encoder_style_guidance(s: f32) -> Result<(), String> {
+    check_encoder_scale("encoder style guidance", s)
+}
+
+fn check_encoder_scale(what: &str, s: f32) -> Result<(), String> {
     if s.is_finite() && (0.0..=1000.0).contains(&s) {
         Ok(())
     } else {
-        Err(format!("identity guidance {s} must be in [0, 1000]"))
+        Err(format!("{what} {s} must be in [0, 1000]"))
+    }
+}
+
+/// Gradient steps of the encoder guidance per sampling step: 1 to 16.
+pub fn check_guidance_iters(n: usize) -> Result<(), String> {
+    if (1..=16).contains(&n) {
+        Ok(())
+    } else {
+        Err(format!("guidance iterations {n} must be in 1..=16"))
+    }
+}
+
+/// A fidelity floor is a content cosine in [0, 1).
+pub fn check_fidelity_floor(f: f32) -> Result<(), String> {
+    if f.is_finite() && (0.0..1.0).contains(&f) {
+        Ok(())
+    } else {
+        Err(format!("fidelity floor {f} must be in [0, 1)"))
+    }
+}
+
+/// The scales of the guidance through the item encoder (see [`StyleNet::sample_guided`]); the
+/// default is none.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EncoderScales {
+    /// Climb of the content cosine to the reference's (identity guidance).
+    pub identity: f32,
+    /// Climb of the style cosine to the preference's style block.
+    pub style: f32,
+    /// Gradient steps per sampling step, each of the full scales.
+    pub iters: usize,
+    /// Fidelity floor in [0, 1) (0: none): the finished residual is shrunk, per image, to the
+    /// largest of [`FLOOR_SHARES`] whose image keeps the encoder's content cosine to the
+    /// reference at or above it (the reference itself when none does).
+    pub fidelity_floor: f32,
+}
+
+/// Shares of the residual the fidelity floor tries, largest first.
+pub const FLOOR_SHARES: [f32; 5] = [1.0, 0.8, 0.6, 0.4, 0.2];
+
+impl Default for EncoderScales {
+    fn default() -> Self {
+        EncoderScales {
+            identity: 0.0,
+            style: 0.0,
+            iters: 1,
+            fidelity_floor: 0.0,
+        }
+    }
+}
+
+impl EncoderScales {
+    pub fn check(&self) -> Result<(), String> {
+        check_identity_guidance(self.identity)?;
+        check_encoder_style_guidance(self.style)?;
+        check_guidance_iters(self.iters)?;
+        check_fidelity_floor(self.fidelity_floor)
+    }
+
+    /// Whether the encoder is used at all.
+    pub fn active(&self) -> bool {
+        self.climbs() || self.fidelity_floor > 0.0
+    }
+
+    /// Whether the sampling steps climb the encoder's cosines.
+    pub fn climbs(&self) -> bool {
+        self.identity > 0.0 || self.style > 0.0
     }
 }
 
@@ -262,6 +338,12 @@ impl StyleNet {
     /// guidance of classifier-guided sampling with the encoder's content head as the classifier.
     /// The style may change; what is drawn is held to the reference. One forward and backward
     /// pass of the encoder per step.
+    ///
+    /// Encoder style guidance (scale `u > 0`) adds the climb of the encoder's style cosine to the
+    /// preference's style block, `u · ∇ Σ cos(style(reference + x̂₀), style)`, in the same
+    /// gradient: the style head as a classifier of the preferred look. With `iters > 1` the
+    /// climb is repeated from where the last one ended (smaller scales, more steps, follow the
+    /// ascent where one long step overshoots).
     pub fn sample_guided(
         &self,
         reference: &Tensor,
@@ -282,11 +364,11 @@ impl StyleNet {
             )),
             None => None,
         };
-        // With identity guidance, the reference's normalized content: what every step holds to.
-        let identity = match guide.identity.filter(|(_, s)| *s > 0.0) {
-            Some((encoder, s)) => {
-                let target = l2_normalize(&encoder.forward(reference)?.content)?.detach();
-                Some((encoder, target, s))
+        // With encoder guidance, the reference's normalized content: what every step holds to.
+        let encoder = match guide.encoder.filter(|(_, scales)| scales.active()) {
+            Some((net, scales)) => {
+                let target = l2_normalize(&net.forward(reference)?.content)?.detach();
+                Some((net, target, scales))
             }
             None => None,
         };
@@ -310,8 +392,10 @@ impl StyleNet {
                     ((&cond - &own)?.affine(*g as f64, 0.0)? + cond)?
                 }
             };
-            if let Some((encoder, target, s)) = &identity {
-                x0 = hold_identity(encoder, reference, target, x0, *s)?;
+            if let Some((net, target, scales)) = encoder.as_ref().filter(|(_, _, s)| s.climbs()) {
+                for _ in 0..scales.iters {
+                    x0 = climb_encoder(net, reference, (target, style), x0, scales)?;
+                }
             }
             if i + 1 == steps {
                 x = x0;
@@ -320,6 +404,11 @@ impl StyleNet {
             let (ab, ab_next) = (alpha_bar(t), alpha_bar(t_next));
             let eps = ((&x - (&x0 * ab.sqrt())?)? / (1.0 - ab).sqrt())?;
             x = ((x0 * ab_next.sqrt())? + (eps * (1.0 - ab_next).sqrt())?)?;
+        }
+        if let Some((net, target, scales)) = &encoder {
+            if scales.fidelity_floor > 0.0 {
+                x = floor_fidelity(net, reference, target, &x, scales.fidelity_floor)?;
+            }
         }
         Ok((reference + x)?.clamp(-1f32, 1f32)?)
     }
@@ -331,27 +420,66 @@ impl StyleNet {
 pub struct Guidance<'a> {
     /// The reference's own style block (`[b, style_dim]`) and the style guidance scale.
     pub style: Option<(&'a Tensor, f32)>,
-    /// The item encoder and the identity guidance scale.
-    pub identity: Option<(&'a EmojiNet, f32)>,
+    /// The item encoder and the scales of the guidance through it.
+    pub encoder: Option<(&'a EmojiNet, EncoderScales)>,
 }
 
-/// One identity guidance step: `x0 + s · ∇ Σ cos(content(reference + x0), target)`, the gradient
-/// taken with respect to `x0` alone (a detached copy; the result carries no graph).
-fn hold_identity(
+/// The fidelity floor: each row of the residual `x` (`[b, 3, r, r]`) times the largest share of
+/// [`FLOOR_SHARES`] whose image `reference + share · x` has a content cosine to `target` of at
+/// least `floor`, or 0 (the reference) when none has. One encoder pass over every share.
+fn floor_fidelity(
     encoder: &EmojiNet,
     reference: &Tensor,
     target: &Tensor,
+    x: &Tensor,
+    floor: f32,
+) -> candle_core::Result<Tensor> {
+    let b = x.dim(0)?;
+    let n = FLOOR_SHARES.len();
+    let tried = FLOOR_SHARES
+        .iter()
+        .map(|&share| (reference + (x * share as f64)?)?.clamp(-1f32, 1f32))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let content = l2_normalize(&encoder.forward(&Tensor::cat(&tried, 0)?)?.content)?;
+    let targets = Tensor::cat(&vec![target; n], 0)?;
+    let cos = (content * targets)?.sum(1)?.to_vec1::<f32>()?;
+    let shares: Vec<f32> = (0..b)
+        .map(|row| {
+            (0..n)
+                .find(|&i| cos[i * b + row] >= floor)
+                .map_or(0.0, |i| FLOOR_SHARES[i])
+        })
+        .collect();
+    let shares = Tensor::from_vec(shares, (b, 1, 1, 1), x.device())?;
+    x.broadcast_mul(&shares)
+}
+
+/// One encoder guidance step: `x0 + ∇ [s · Σ cos(content(reference + x0), content_target) +
+/// u · Σ cos(style(reference + x0), style_target)]` for the identity and style scales `s`, `u`,
+/// the gradient taken with respect to `x0` alone (a detached copy; the result carries no graph).
+fn climb_encoder(
+    encoder: &EmojiNet,
+    reference: &Tensor,
+    (content_target, style_target): (&Tensor, &Tensor),
     x0: Tensor,
-    s: f32,
+    scales: &EncoderScales,
 ) -> candle_core::Result<Tensor> {
     let var = Var::from_tensor(&x0.detach())?;
-    let content = l2_normalize(&encoder.forward(&(reference + var.as_tensor())?)?.content)?;
-    let cos = (content * target)?.sum_all()?;
-    let grads = cos.backward()?;
+    let features = encoder.forward(&(reference + var.as_tensor())?)?;
+    let mut objective = Tensor::zeros((), x0.dtype(), x0.device())?;
+    if scales.identity > 0.0 {
+        let cos = (l2_normalize(&features.content)? * content_target)?.sum_all()?;
+        objective = (objective + (cos * scales.identity as f64)?)?;
+    }
+    if scales.style > 0.0 {
+        let cos = (l2_normalize(&features.style)? * style_target)?.sum_all()?;
+        objective = (objective + (cos * scales.style as f64)?)?;
+    }
+    let grads = objective.backward()?;
     let grad = grads
         .get(var.as_tensor())
-        .ok_or_else(|| candle_core::Error::Msg("identity guidance: no gradient".into()))?;
-    Ok((var.as_tensor() + (grad * s as f64)?)?.detach())
+        .ok_or_else(|| candle_core::Error::Msg("encoder guidance: no gradient".into()))?;
+    Ok((var.as_tensor() + grad)?.detach())
 }
 
 /// Values of one patch matrix at most (1 MiB): larger ones ran slower per image, out of cache.
@@ -489,22 +617,32 @@ pub struct StyleDiffusion {
     device: Device,
     steps: usize,
     guidance: f32,
-    /// The item encoder and the identity guidance scale, when identity guidance is on.
-    identity: Option<(Arc<EmojiEncoder>, f32)>,
+    /// The item encoder and the scales of the guidance through it, when any is on.
+    encoder_guide: Option<(Arc<EmojiEncoder>, EncoderScales)>,
     /// `generator:<dir name>`; `version` adds the sampling settings.
     bundle: String,
     version: String,
 }
 
-/// `bundle@steps`, then `+g<scale>` with style guidance and `+id<scale>` with identity guidance:
-/// the version names what makes the images.
-fn sampling_version(bundle: &str, steps: usize, guidance: f32, identity: f32) -> String {
+/// `bundle@steps`, then `+g<scale>` with style guidance, `+id<scale>` with identity guidance,
+/// `+st<scale>` with encoder style guidance, `x<iters>` when the encoder's climb repeats and
+/// `+floor<f>` with a fidelity floor: the version names what makes the images.
+fn sampling_version(bundle: &str, steps: usize, guidance: f32, encoder: EncoderScales) -> String {
     let mut v = format!("{bundle}@{steps}");
     if guidance > 0.0 {
         v.push_str(&format!("+g{guidance}"));
     }
-    if identity > 0.0 {
-        v.push_str(&format!("+id{identity}"));
+    if encoder.identity > 0.0 {
+        v.push_str(&format!("+id{}", encoder.identity));
+    }
+    if encoder.style > 0.0 {
+        v.push_str(&format!("+st{}", encoder.style));
+    }
+    if encoder.climbs() && encoder.iters > 1 {
+        v.push_str(&format!("x{}", encoder.iters));
+    }
+    if encoder.fidelity_floor > 0.0 {
+        v.push_str(&format!("+floor{}", encoder.fidelity_floor));
     }
     v
 }
@@ -532,8 +670,8 @@ impl StyleDiffusion {
             device,
             steps,
             guidance,
-            identity: None,
-            version: sampling_version(&bundle, steps, guidance, 0.0),
+            encoder_guide: None,
+            version: sampling_version(&bundle, steps, guidance, EncoderScales::default()),
             bundle,
         })
     }
@@ -550,26 +688,44 @@ impl StyleDiffusion {
     /// `encoder` unused); see [`StyleNet::sample_guided`]. The encoder must be the one whose
     /// embeddings condition the generator.
     pub fn with_identity_guidance(
-        mut self,
+        self,
         encoder: Arc<EmojiEncoder>,
         scale: f32,
     ) -> Result<StyleDiffusion, ModelError> {
-        check_identity_guidance(scale).map_err(ModelError::Unsupported)?;
+        let scales = EncoderScales {
+            identity: scale,
+            ..EncoderScales::default()
+        };
+        self.with_encoder_guidance(encoder, scales)
+    }
+
+    /// Turns the guidance through `encoder` on at `scales` (identity, style, iterations; all
+    /// scales 0: off, and `encoder` unused); see [`StyleNet::sample_guided`]. The encoder must be
+    /// the one whose embeddings condition the generator.
+    pub fn with_encoder_guidance(
+        mut self,
+        encoder: Arc<EmojiEncoder>,
+        scales: EncoderScales,
+    ) -> Result<StyleDiffusion, ModelError> {
+        scales.check().map_err(ModelError::Unsupported)?;
         let (cfg, enc) = (&self.net.config, encoder.config());
-        if scale > 0.0 && (enc.dim() != cfg.embedding_dim || enc.resolution != cfg.resolution) {
+        if scales.active() && (enc.dim() != cfg.embedding_dim || enc.resolution != cfg.resolution) {
             return Err(ModelError::Unsupported(format!(
-                "identity guidance needs the generator's encoder ({}-value embeddings at {}×{}), got {} values at {}×{}",
+                "encoder guidance needs the generator's encoder ({}-value embeddings at {}×{}), got {} values at {}×{}",
                 cfg.embedding_dim, cfg.resolution, cfg.resolution, enc.dim(), enc.resolution, enc.resolution
             )));
         }
-        self.identity = (scale > 0.0).then_some((encoder, scale));
+        self.encoder_guide = scales.active().then_some((encoder, scales));
         self.refresh_version();
         Ok(self)
     }
 
     fn refresh_version(&mut self) {
-        let identity = self.identity.as_ref().map_or(0.0, |(_, s)| *s);
-        self.version = sampling_version(&self.bundle, self.steps, self.guidance, identity);
+        let scales = self
+            .encoder_guide
+            .as_ref()
+            .map_or_else(EncoderScales::default, |(_, s)| *s);
+        self.version = sampling_version(&self.bundle, self.steps, self.guidance, scales);
     }
 
     pub fn config(&self) -> &GeneratorConfig {
@@ -617,7 +773,7 @@ impl Generator for StyleDiffusion {
             let noise = Tensor::from_vec(noise, (chunk.len(), 3, r, r), &self.device)?;
             let guide = Guidance {
                 style: own.as_ref().map(|own| (own, self.guidance)),
-                identity: self.identity.as_ref().map(|(e, s)| (e.net(), *s)),
+                encoder: self.encoder_guide.as_ref().map(|(e, s)| (e.net(), *s)),
             };
             let out = self.net.sample_guided(
                 &reference,
@@ -882,13 +1038,19 @@ pub(crate) mod tests {
                 .collect()
         };
         let net = encoder.net();
-        // One guidance step raises each row's content cosine to the reference.
         let reference =
             images_to_tensor(&[&*req.reference, &*req.reference], 8, &Device::Cpu).unwrap();
         let target = l2_normalize(&net.forward(&reference).unwrap().content).unwrap();
-        let cosines = |x0: &Tensor| -> Vec<f32> {
-            let c = net.forward(&(&reference + x0).unwrap()).unwrap().content;
-            (l2_normalize(&c).unwrap() * &target)
+        let style_target =
+            Tensor::new(&[[1f32, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]], &Device::Cpu).unwrap();
+        // Each row's cosine of the content (or style) of `reference + x0` to its target.
+        let cosines = |x0: &Tensor, style: bool| -> Vec<f32> {
+            let f = net.forward(&(&reference + x0).unwrap()).unwrap();
+            let (v, t) = match style {
+                false => (f.content, &target),
+                true => (f.style, &style_target),
+            };
+            (l2_normalize(&v).unwrap() * t)
                 .unwrap()
                 .sum(1)
                 .unwrap()
@@ -899,13 +1061,67 @@ pub(crate) mod tests {
             .unwrap()
             * 0.5)
             .unwrap();
-        let held = hold_identity(net, &reference, &target, x0.clone(), 0.1).unwrap();
-        for (before, after) in cosines(&x0).iter().zip(cosines(&held)) {
-            assert!(
-                after > *before,
-                "cosine {after} after the step, {before} before"
-            );
+        // One identity step raises each row's content cosine to the reference, one style step its
+        // style cosine to the target block.
+        for (scales, style) in [
+            (
+                EncoderScales {
+                    identity: 0.1,
+                    ..Default::default()
+                },
+                false,
+            ),
+            (
+                EncoderScales {
+                    style: 0.1,
+                    ..Default::default()
+                },
+                true,
+            ),
+        ] {
+            let targets = (&target, &style_target);
+            let after = climb_encoder(net, &reference, targets, x0.clone(), &scales).unwrap();
+            for (b, a) in cosines(&x0, style).iter().zip(cosines(&after, style)) {
+                assert!(a > *b, "{scales:?}: cosine {a} after the step, {b} before");
+            }
         }
+        // The fidelity floor keeps the largest share of each residual whose image holds the
+        // floor: a floor between the two rows' cosines keeps the nearer row whole and shrinks
+        // the other; a floor above what any share reaches gives the reference back.
+        let x0 = (x0 * 4.0).unwrap();
+        // The residual of the published (clamped) image, which the floor judges.
+        let clamped = |x: &Tensor| {
+            ((&reference + x).unwrap().clamp(-1f32, 1f32).unwrap() - &reference).unwrap()
+        };
+        let full = cosines(&clamped(&x0), false);
+        let floor = (full[0] + full[1]) / 2.0;
+        let floored = floor_fidelity(net, &reference, &target, &x0, floor).unwrap();
+        let (near, far) = if full[0] > full[1] { (0, 1) } else { (1, 0) };
+        let row = |t: &Tensor, i: usize| {
+            t.get(i)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(row(&floored, near), row(&x0, near));
+        let kept = cosines(&clamped(&floored), false)[far];
+        assert!(
+            row(&floored, far) == vec![0.0; 3 * 64] || kept >= floor,
+            "cosine {kept} under the floor {floor}"
+        );
+        assert_ne!(row(&floored, far), row(&x0, far));
+        let none = floor_fidelity(net, &reference, &target, &x0, 0.999_999).unwrap();
+        assert!(
+            none.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                == 0.0
+        );
 
         let plain = StyleDiffusion::load(gen_dir.path(), None).unwrap();
         let guided = StyleDiffusion::load(gen_dir.path(), None)
@@ -926,7 +1142,47 @@ pub(crate) mod tests {
             .unwrap()
             .with_identity_guidance(encoder.clone(), 0.0)
             .unwrap();
-        assert_eq!((images(&off), off.version()), (a, plain.version()));
+        assert_eq!((images(&off), off.version()), (a.clone(), plain.version()));
+        // Style climbing and repeated steps change the images and are named in the version.
+        let both = StyleDiffusion::load(gen_dir.path(), None)
+            .unwrap()
+            .with_encoder_guidance(
+                encoder.clone(),
+                EncoderScales {
+                    identity: 20.0,
+                    style: 5.0,
+                    iters: 3,
+                    fidelity_floor: 0.0,
+                },
+            )
+            .unwrap();
+        assert!(
+            both.version().ends_with("@2+id20+st5x3"),
+            "{}",
+            both.version()
+        );
+        let c = images(&both);
+        assert!(c != a && c != b);
+        assert_eq!(images(&both), c, "deterministic");
+        for bad in [
+            EncoderScales {
+                style: -1.0,
+                ..Default::default()
+            },
+            EncoderScales {
+                identity: 1.0,
+                iters: 0,
+                ..Default::default()
+            },
+        ] {
+            let err = StyleDiffusion::load(gen_dir.path(), None)
+                .unwrap()
+                .with_encoder_guidance(encoder.clone(), bad)
+                .err()
+                .expect("refused")
+                .to_string();
+            assert!(err.contains("guidance"), "{err}");
+        }
         for bad in [-1.0, f32::NAN, 2000.0] {
             let err = StyleDiffusion::load(gen_dir.path(), None)
                 .unwrap()
