@@ -350,8 +350,11 @@ pub struct ModelsConfig {
     /// Gradient steps of the encoder guidance (identity and style) per sampling step, 1..=16.
     pub generator_guidance_iters: usize,
     /// Fidelity floor of the `diffusion` generator in [0, 1) (0: none): each image's residual is
-    /// shrunk until the `emoji` encoder's content cosine to the reference reaches it.
+    /// scaled, in tenths, to the largest share whose `emoji` encoder content cosine to the
+    /// reference reaches it.
     pub generator_fidelity_floor: f32,
+    /// The largest share of the residual the fidelity floor tries, in [1, 4].
+    pub generator_floor_max_share: f32,
     /// The `sd` generator's model: a Stable Diffusion directory in the diffusers layout
     /// (`unet/`, `vae/`, `text_encoder/`, `tokenizer/tokenizer.json`, `scheduler/`).
     pub sd_dir: PathBuf,
@@ -387,6 +390,7 @@ impl Default for ModelsConfig {
             generator_encoder_style_guidance: 0.0,
             generator_guidance_iters: 1,
             generator_fidelity_floor: 0.0,
+            generator_floor_max_share: 1.0,
             sd_dir: PathBuf::from("models/stable-diffusion"),
             sd_steps: 20,
             sd_strength: 0.6,
@@ -741,6 +745,8 @@ impl Config {
             .map_err(|e| invalid("models.generator_guidance_iters", e))?;
         crate::model::diffusion::check_fidelity_floor(m.generator_fidelity_floor)
             .map_err(|e| invalid("models.generator_fidelity_floor", e))?;
+        crate::model::diffusion::check_floor_max_share(m.generator_floor_max_share)
+            .map_err(|e| invalid("models.generator_floor_max_share", e))?;
         if !(m.sd_strength > 0.0 && m.sd_strength <= 1.0) {
             return Err(invalid(
                 "models.sd_strength",
@@ -1000,6 +1006,10 @@ mod tests {
         assert_eq!(
             err_key("[models]\ngenerator_fidelity_floor = 1.0\n", &[]),
             "models.generator_fidelity_floor"
+        );
+        assert_eq!(
+            err_key("[models]\ngenerator_floor_max_share = 0.5\n", &[]),
+            "models.generator_floor_max_share"
         );
         assert_eq!(
             err_key("[models]\nsd_steps = 800\nsd_strength = 0.5\n", &[]),

@@ -51,6 +51,9 @@ pub struct EvalModels<'a> {
     pub generator: Option<&'a dyn crate::model::Generator>,
     /// The generator after rank-task fine-tuning.
     pub finetuned: Option<&'a dyn crate::model::Generator>,
+    /// More sampling settings, each measured with uniform and retrieval weighting after the
+    /// rows above: a scan of settings on val in one run, sharing its set-up.
+    pub variants: &'a [(String, &'a dyn crate::model::Generator)],
 }
 
 /// Accuracy of one weighting on one population, by user kind.
@@ -668,6 +671,57 @@ pub fn nearest_vendor(style: &[f32], prototypes: &[(String, Vec<f32>)]) -> Strin
         .unwrap_or_default()
 }
 
+/// The sampling settings of a diffusion generator that `ragar eval` varies.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    /// Style guidance scale (`None`: the bundle's default).
+    pub guidance: Option<f32>,
+    pub encoder: crate::model::diffusion::EncoderScales,
+}
+
+impl Sampling {
+    /// These settings with those a scan spec names changed: comma-separated `key=value` with the
+    /// keys `g` (style guidance), `id` (identity guidance), `st` (encoder style guidance), `x`
+    /// (climbs per step), `floor` (fidelity floor) and `share` (the floor's largest share), e.g.
+    /// `g=0.5,id=60,st=40,x=2,floor=0.7,share=1.5`.
+    pub fn with(self, spec: &str) -> anyhow::Result<Sampling> {
+        let mut s = self;
+        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (key, value) = part
+                .split_once('=')
+                .with_context(|| format!("scan spec {spec:?}: {part:?} is not key=value"))?;
+            let number = |what: &str| -> anyhow::Result<f32> {
+                value.trim().parse::<f32>().with_context(|| {
+                    format!("scan spec {spec:?}: {what} {value:?} is not a number")
+                })
+            };
+            match key.trim() {
+                "g" => s.guidance = Some(number("g")?),
+                "id" => s.encoder.identity = number("id")?,
+                "st" => s.encoder.style = number("st")?,
+                "floor" => s.encoder.fidelity_floor = number("floor")?,
+                "share" => s.encoder.floor_max_share = number("share")?,
+                "x" => {
+                    s.encoder.iters = value.trim().parse().with_context(|| {
+                        format!("scan spec {spec:?}: x {value:?} is not a count")
+                    })?
+                }
+                other => anyhow::bail!(
+                    "scan spec {spec:?}: unknown key {other:?} (keys: g, id, st, x, floor, share)"
+                ),
+            }
+        }
+        if let Some(g) = s.guidance {
+            crate::model::diffusion::check_guidance(g)
+                .map_err(|e| anyhow::anyhow!("scan spec {spec:?}: {e}"))?;
+        }
+        s.encoder
+            .check()
+            .map_err(|e| anyhow::anyhow!("scan spec {spec:?}: {e}"))?;
+        Ok(s)
+    }
+}
+
 /// Runs the preference-level evaluation and writes `OUT/report.md` and `OUT/report.html`.
 pub fn run(opts: &EvalOptions, models: &EvalModels) -> anyhow::Result<PreferenceReport> {
     let EvalModels {
@@ -677,6 +731,7 @@ pub fn run(opts: &EvalOptions, models: &EvalModels) -> anyhow::Result<Preference
         judge,
         generator,
         finetuned,
+        variants,
     } = *models;
     let manifest = Manifest::load(&opts.data_dir)?;
     let val_sim = simulate(
@@ -872,6 +927,16 @@ pub fn run(opts: &EvalOptions, models: &EvalModels) -> anyhow::Result<Preference
                     params: retrieval.clone(),
                     candidates,
                 });
+            }
+            for (name, g) in variants {
+                for (weighting, params) in [("uniform", &uniform), ("retrieval", &retrieval)] {
+                    specs.push(GenerationSpec {
+                        name: format!("{name}, {weighting} weighting"),
+                        generator: *g,
+                        params: params.clone(),
+                        candidates: 1,
+                    });
+                }
             }
             let sim = match opts.generation_split {
                 Split::Val => &val_sim,
@@ -1130,6 +1195,43 @@ mod tests {
         assert_eq!(nearest_vendor(&[0.9, 0.2], &protos), "a");
     }
 
+    #[test]
+    fn scan_specs_change_only_what_they_name_and_refuse_bad_values() {
+        use crate::model::diffusion::EncoderScales;
+        let base = Sampling {
+            guidance: None,
+            encoder: EncoderScales {
+                identity: 40.0,
+                ..Default::default()
+            },
+        };
+        let s = base.with("g=0.5, st=40,x=2,floor=0.7,share=1.5").unwrap();
+        assert_eq!(s.guidance, Some(0.5));
+        assert_eq!(
+            s.encoder,
+            EncoderScales {
+                identity: 40.0,
+                style: 40.0,
+                iters: 2,
+                fidelity_floor: 0.7,
+                floor_max_share: 1.5
+            }
+        );
+        assert_eq!(base.with("").unwrap(), base);
+        for (spec, says) in [
+            ("id", "not key=value"),
+            ("id=many", "not a number"),
+            ("x=1.5", "not a count"),
+            ("speed=2", "unknown key"),
+            ("floor=1", "fidelity floor"),
+            ("x=0", "1..=16"),
+            ("share=0.5", "largest share"),
+        ] {
+            let e = base.with(spec).unwrap_err().to_string();
+            assert!(e.contains(says) && e.contains(spec), "{spec}: {e}");
+        }
+    }
+
     /// End to end on a tiny synthetic data set with an untrained encoder: it runs, sweeps the
     /// grid, and writes both reports with sane figures.
     #[test]
@@ -1164,6 +1266,7 @@ mod tests {
                 judge: None,
                 generator: None,
                 finetuned: None,
+                variants: &[],
             },
         )
         .unwrap();

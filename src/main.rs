@@ -91,6 +91,14 @@ enum Command {
         /// encoder's content cosine to the reference reaches it (0: none).
         #[arg(long, default_value_t = 0.0)]
         fidelity_floor: f32,
+        /// The largest share of the residual the fidelity floor tries (1 to 4, in tenths).
+        #[arg(long, default_value_t = 1.0)]
+        floor_max_share: f32,
+        /// More settings of the generator, each as extra uniform and retrieval rows of the same
+        /// run, e.g. `--scan g=0.5,id=60,st=40,x=2,floor=0.7` (keys g, id, st, x, floor, share; what a
+        /// spec leaves out comes from the flags above); repeat for a scan.
+        #[arg(long = "scan")]
+        scans: Vec<String>,
         /// Candidates per display in the best-of-N rows.
         #[arg(long, default_value_t = 4)]
         best_of: usize,
@@ -690,6 +698,8 @@ fn main() -> anyhow::Result<()> {
             encoder_style_guidance,
             guidance_iters,
             fidelity_floor,
+            floor_max_share,
+            scans,
             best_of,
             generation_split,
             out,
@@ -735,22 +745,36 @@ fn main() -> anyhow::Result<()> {
                 generation_split: generation_split.parse()?,
             };
             let steps = (steps > 0).then_some(steps);
+            let base = ragar::eval::Sampling {
+                guidance,
+                encoder: ragar::model::diffusion::EncoderScales {
+                    identity: identity_guidance,
+                    style: encoder_style_guidance,
+                    iters: guidance_iters,
+                    fidelity_floor,
+                    floor_max_share,
+                },
+            };
+            let settings = scans
+                .iter()
+                .map(|spec| Ok((spec.clone(), base.with(spec)?)))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let with_settings =
+                |dir: &std::path::Path,
+                 s: ragar::eval::Sampling|
+                 -> anyhow::Result<ragar::model::diffusion::StyleDiffusion> {
+                    let g = ragar::model::diffusion::StyleDiffusion::load(dir, steps)?;
+                    let g = match s.guidance {
+                        Some(scale) => g.with_guidance(scale)?,
+                        None => g,
+                    };
+                    Ok(g.with_encoder_guidance(encoder.clone(), s.encoder)?)
+                };
             let load_generator = |dir: &std::path::Path| -> anyhow::Result<
                 Option<ragar::model::diffusion::StyleDiffusion>,
             > {
                 if dir.join("config.json").is_file() {
-                    let g = ragar::model::diffusion::StyleDiffusion::load(dir, steps)?;
-                    let g = match guidance {
-                        Some(scale) => g.with_guidance(scale)?,
-                        None => g,
-                    };
-                    let scales = ragar::model::diffusion::EncoderScales {
-                        identity: identity_guidance,
-                        style: encoder_style_guidance,
-                        iters: guidance_iters,
-                        fidelity_floor,
-                    };
-                    Ok(Some(g.with_encoder_guidance(encoder.clone(), scales)?))
+                    Ok(Some(with_settings(dir, base)?))
                 } else {
                     eprintln!(
                         "no generator bundle in {}: its rows are left out",
@@ -761,6 +785,17 @@ fn main() -> anyhow::Result<()> {
             };
             let generator = load_generator(&generator_dir)?;
             let finetuned = load_generator(&finetuned_dir)?;
+            let scanned = match &generator {
+                Some(_) => settings
+                    .into_iter()
+                    .map(|(spec, s)| Ok((spec, with_settings(&generator_dir, s)?)))
+                    .collect::<anyhow::Result<Vec<_>>>()?,
+                None => Vec::new(),
+            };
+            let variants: Vec<(String, &dyn ragar::model::Generator)> = scanned
+                .iter()
+                .map(|(spec, g)| (spec.clone(), g as &dyn ragar::model::Generator))
+                .collect();
             // The judges read images only; test names are embedded by the encoder's MiniLM.
             let judge = if judge_dir.join("config.json").is_file() {
                 Some(ragar::model::emoji::EmojiEncoder::load(&judge_dir, None)?)
@@ -785,6 +820,7 @@ fn main() -> anyhow::Result<()> {
                     finetuned: finetuned
                         .as_ref()
                         .map(|g| g as &dyn ragar::model::Generator),
+                    variants: &variants,
                 },
             )?;
             print!("{}", ragar::eval::markdown(&report));

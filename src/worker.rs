@@ -136,6 +136,7 @@ impl Models {
                     style: cfg.generator_encoder_style_guidance,
                     iters: cfg.generator_guidance_iters,
                     fidelity_floor: cfg.generator_fidelity_floor,
+                    floor_max_share: cfg.generator_floor_max_share,
                 };
                 // Every scale was checked with the config; what remains is the encoder match.
                 let generator = generator

@@ -175,14 +175,32 @@ pub struct EncoderScales {
     pub style: f32,
     /// Gradient steps per sampling step, each of the full scales.
     pub iters: usize,
-    /// Fidelity floor in [0, 1) (0: none): the finished residual is shrunk, per image, to the
-    /// largest of [`FLOOR_SHARES`] whose image keeps the encoder's content cosine to the
+    /// Fidelity floor in [0, 1) (0: none): the finished residual is scaled, per image, by the
+    /// largest of [`floor_shares`] whose image keeps the encoder's content cosine to the
     /// reference at or above it (the reference itself when none does).
     pub fidelity_floor: f32,
+    /// The largest share the floor tries, in [1, 4]: above 1, images whose change keeps the
+    /// reference well above the floor get more of it.
+    pub floor_max_share: f32,
 }
 
-/// Shares of the residual the fidelity floor tries, largest first.
-pub const FLOOR_SHARES: [f32; 5] = [1.0, 0.8, 0.6, 0.4, 0.2];
+/// The shares of the residual the fidelity floor tries, largest first: tenths from `max_share`
+/// down to 0.1 (a coarser grid, fifths up to 1, gave up more style than the floor needed on val).
+pub fn floor_shares(max_share: f32) -> Vec<f32> {
+    let tenths = (max_share * 10.0).round().max(1.0) as u32;
+    (1..=tenths).rev().map(|i| i as f32 / 10.0).collect()
+}
+
+/// The largest share of the fidelity floor is in [1, 4].
+pub fn check_floor_max_share(m: f32) -> Result<(), String> {
+    if m.is_finite() && (1.0..=4.0).contains(&m) {
+        Ok(())
+    } else {
+        Err(format!(
+            "the fidelity floor's largest share {m} must be in [1, 4]"
+        ))
+    }
+}
 
 impl Default for EncoderScales {
     fn default() -> Self {
@@ -191,6 +209,7 @@ impl Default for EncoderScales {
             style: 0.0,
             iters: 1,
             fidelity_floor: 0.0,
+            floor_max_share: 1.0,
         }
     }
 }
@@ -200,7 +219,8 @@ impl EncoderScales {
         check_identity_guidance(self.identity)?;
         check_encoder_style_guidance(self.style)?;
         check_guidance_iters(self.iters)?;
-        check_fidelity_floor(self.fidelity_floor)
+        check_fidelity_floor(self.fidelity_floor)?;
+        check_floor_max_share(self.floor_max_share)
     }
 
     /// Whether the encoder is used at all.
@@ -407,7 +427,8 @@ impl StyleNet {
         }
         if let Some((net, target, scales)) = &encoder {
             if scales.fidelity_floor > 0.0 {
-                x = floor_fidelity(net, reference, target, &x, scales.fidelity_floor)?;
+                let shares = floor_shares(scales.floor_max_share);
+                x = floor_fidelity(net, reference, target, &x, scales.fidelity_floor, &shares)?;
             }
         }
         Ok((reference + x)?.clamp(-1f32, 1f32)?)
@@ -424,19 +445,20 @@ pub struct Guidance<'a> {
     pub encoder: Option<(&'a EmojiNet, EncoderScales)>,
 }
 
-/// The fidelity floor: each row of the residual `x` (`[b, 3, r, r]`) times the largest share of
-/// [`FLOOR_SHARES`] whose image `reference + share · x` has a content cosine to `target` of at
-/// least `floor`, or 0 (the reference) when none has. One encoder pass over every share.
+/// The fidelity floor: each row of the residual `x` (`[b, 3, r, r]`) times the largest of
+/// `shares` (largest first) whose image `reference + share · x` has a content cosine to `target`
+/// of at least `floor`, or 0 (the reference) when none has. One encoder pass over every share.
 fn floor_fidelity(
     encoder: &EmojiNet,
     reference: &Tensor,
     target: &Tensor,
     x: &Tensor,
     floor: f32,
+    shares: &[f32],
 ) -> candle_core::Result<Tensor> {
     let b = x.dim(0)?;
-    let n = FLOOR_SHARES.len();
-    let tried = FLOOR_SHARES
+    let n = shares.len();
+    let tried = shares
         .iter()
         .map(|&share| (reference + (x * share as f64)?)?.clamp(-1f32, 1f32))
         .collect::<candle_core::Result<Vec<_>>>()?;
@@ -447,7 +469,7 @@ fn floor_fidelity(
         .map(|row| {
             (0..n)
                 .find(|&i| cos[i * b + row] >= floor)
-                .map_or(0.0, |i| FLOOR_SHARES[i])
+                .map_or(0.0, |i| shares[i])
         })
         .collect();
     let shares = Tensor::from_vec(shares, (b, 1, 1, 1), x.device())?;
@@ -626,7 +648,8 @@ pub struct StyleDiffusion {
 
 /// `bundle@steps`, then `+g<scale>` with style guidance, `+id<scale>` with identity guidance,
 /// `+st<scale>` with encoder style guidance, `x<iters>` when the encoder's climb repeats and
-/// `+floor<f>` with a fidelity floor: the version names what makes the images.
+/// `+floor<f>:<max>` with a fidelity floor over tenths up to `max`: the version names what makes
+/// the images.
 fn sampling_version(bundle: &str, steps: usize, guidance: f32, encoder: EncoderScales) -> String {
     let mut v = format!("{bundle}@{steps}");
     if guidance > 0.0 {
@@ -642,7 +665,10 @@ fn sampling_version(bundle: &str, steps: usize, guidance: f32, encoder: EncoderS
         v.push_str(&format!("x{}", encoder.iters));
     }
     if encoder.fidelity_floor > 0.0 {
-        v.push_str(&format!("+floor{}", encoder.fidelity_floor));
+        v.push_str(&format!(
+            "+floor{}:{}",
+            encoder.fidelity_floor, encoder.floor_max_share
+        ));
     }
     v
 }
@@ -1095,7 +1121,10 @@ pub(crate) mod tests {
         };
         let full = cosines(&clamped(&x0), false);
         let floor = (full[0] + full[1]) / 2.0;
-        let floored = floor_fidelity(net, &reference, &target, &x0, floor).unwrap();
+        let tenths = floor_shares(1.0);
+        assert_eq!(tenths.len(), 10);
+        assert_eq!((tenths[0], tenths[9]), (1.0, 0.1));
+        let floored = floor_fidelity(net, &reference, &target, &x0, floor, &tenths).unwrap();
         let (near, far) = if full[0] > full[1] { (0, 1) } else { (1, 0) };
         let row = |t: &Tensor, i: usize| {
             t.get(i)
@@ -1112,7 +1141,20 @@ pub(crate) mod tests {
             "cosine {kept} under the floor {floor}"
         );
         assert_ne!(row(&floored, far), row(&x0, far));
-        let none = floor_fidelity(net, &reference, &target, &x0, 0.999_999).unwrap();
+        // Above a share of 1, a floor every share holds scales every residual by the largest.
+        let wide = floor_shares(2.0);
+        assert_eq!((wide.len(), wide[0]), (20, 2.0));
+        let all = floor_fidelity(net, &reference, &target, &x0, -1.0, &wide).unwrap();
+        assert_eq!(
+            all.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            (&x0 * 2.0)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        );
+        let none = floor_fidelity(net, &reference, &target, &x0, 0.999_999, &tenths).unwrap();
         assert!(
             none.abs()
                 .unwrap()
@@ -1152,7 +1194,7 @@ pub(crate) mod tests {
                     identity: 20.0,
                     style: 5.0,
                     iters: 3,
-                    fidelity_floor: 0.0,
+                    ..Default::default()
                 },
             )
             .unwrap();
@@ -1161,6 +1203,12 @@ pub(crate) mod tests {
             "{}",
             both.version()
         );
+        let floored = EncoderScales {
+            fidelity_floor: 0.6,
+            floor_max_share: 1.5,
+            ..Default::default()
+        };
+        assert_eq!(sampling_version("b", 2, 0.0, floored), "b@2+floor0.6:1.5");
         let c = images(&both);
         assert!(c != a && c != b);
         assert_eq!(images(&both), c, "deterministic");
@@ -1183,6 +1231,20 @@ pub(crate) mod tests {
                 .to_string();
             assert!(err.contains("guidance"), "{err}");
         }
+        let err = StyleDiffusion::load(gen_dir.path(), None)
+            .unwrap()
+            .with_encoder_guidance(
+                encoder.clone(),
+                EncoderScales {
+                    fidelity_floor: 0.5,
+                    floor_max_share: 0.5,
+                    ..Default::default()
+                },
+            )
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("largest share"), "{err}");
         for bad in [-1.0, f32::NAN, 2000.0] {
             let err = StyleDiffusion::load(gen_dir.path(), None)
                 .unwrap()
