@@ -463,7 +463,7 @@ fn floor_fidelity(
         .map(|&share| (reference + (x * share as f64)?)?.clamp(-1f32, 1f32))
         .collect::<candle_core::Result<Vec<_>>>()?;
     let content = l2_normalize(&encoder.forward(&Tensor::cat(&tried, 0)?)?.content)?;
-    let targets = Tensor::cat(&vec![target; n], 0)?;
+    let targets = target.repeat((n, 1))?;
     let cos = (content * targets)?.sum(1)?.to_vec1::<f32>()?;
     let shares: Vec<f32> = (0..b)
         .map(|row| {
@@ -1212,6 +1212,15 @@ pub(crate) mod tests {
         let c = images(&both);
         assert!(c != a && c != b);
         assert_eq!(images(&both), c, "deterministic");
+        // What `with_encoder_guidance` says when it refuses `scales`.
+        let refusal = |scales: EncoderScales| {
+            StyleDiffusion::load(gen_dir.path(), None)
+                .unwrap()
+                .with_encoder_guidance(encoder.clone(), scales)
+                .err()
+                .expect("refused")
+                .to_string()
+        };
         for bad in [
             EncoderScales {
                 style: -1.0,
@@ -1223,27 +1232,14 @@ pub(crate) mod tests {
                 ..Default::default()
             },
         ] {
-            let err = StyleDiffusion::load(gen_dir.path(), None)
-                .unwrap()
-                .with_encoder_guidance(encoder.clone(), bad)
-                .err()
-                .expect("refused")
-                .to_string();
+            let err = refusal(bad);
             assert!(err.contains("guidance"), "{err}");
         }
-        let err = StyleDiffusion::load(gen_dir.path(), None)
-            .unwrap()
-            .with_encoder_guidance(
-                encoder.clone(),
-                EncoderScales {
-                    fidelity_floor: 0.5,
-                    floor_max_share: 0.5,
-                    ..Default::default()
-                },
-            )
-            .err()
-            .expect("refused")
-            .to_string();
+        let err = refusal(EncoderScales {
+            fidelity_floor: 0.5,
+            floor_max_share: 0.5,
+            ..Default::default()
+        });
         assert!(err.contains("largest share"), "{err}");
         for bad in [-1.0, f32::NAN, 2000.0] {
             let err = StyleDiffusion::load(gen_dir.path(), None)
