@@ -355,6 +355,9 @@ pub struct ModelsConfig {
     pub generator_fidelity_floor: f32,
     /// The largest share of the residual the fidelity floor tries, in [1, 4].
     pub generator_floor_max_share: f32,
+    /// An encoder bundle that judges the fidelity floor in place of the `emoji` encoder, which
+    /// the guidance climbs (unset: the `emoji` encoder judges); needs a fidelity floor.
+    pub generator_guard_dir: Option<PathBuf>,
     /// The `sd` generator's model: a Stable Diffusion directory in the diffusers layout
     /// (`unet/`, `vae/`, `text_encoder/`, `tokenizer/tokenizer.json`, `scheduler/`).
     pub sd_dir: PathBuf,
@@ -391,6 +394,7 @@ impl Default for ModelsConfig {
             generator_guidance_iters: 1,
             generator_fidelity_floor: 0.0,
             generator_floor_max_share: 1.0,
+            generator_guard_dir: None,
             sd_dir: PathBuf::from("models/stable-diffusion"),
             sd_steps: 20,
             sd_strength: 0.6,
@@ -747,6 +751,12 @@ impl Config {
             .map_err(|e| invalid("models.generator_fidelity_floor", e))?;
         crate::model::diffusion::check_floor_max_share(m.generator_floor_max_share)
             .map_err(|e| invalid("models.generator_floor_max_share", e))?;
+        if m.generator_guard_dir.is_some() && m.generator_fidelity_floor == 0.0 {
+            return Err(invalid(
+                "models.generator_guard_dir",
+                "the guard judges the fidelity floor: set models.generator_fidelity_floor above 0",
+            ));
+        }
         if !(m.sd_strength > 0.0 && m.sd_strength <= 1.0) {
             return Err(invalid(
                 "models.sd_strength",
@@ -1010,6 +1020,10 @@ mod tests {
         assert_eq!(
             err_key("[models]\ngenerator_floor_max_share = 0.5\n", &[]),
             "models.generator_floor_max_share"
+        );
+        assert_eq!(
+            err_key("[models]\ngenerator_guard_dir = \"models/guard\"\n", &[]),
+            "models.generator_guard_dir"
         );
         assert_eq!(
             err_key("[models]\nsd_steps = 800\nsd_strength = 0.5\n", &[]),

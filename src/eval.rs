@@ -677,13 +677,16 @@ pub struct Sampling {
     /// Style guidance scale (`None`: the bundle's default).
     pub guidance: Option<f32>,
     pub encoder: crate::model::diffusion::EncoderScales,
+    /// Whether the fidelity guard (`ragar eval --fidelity-guard`) judges the floor.
+    pub guard: bool,
 }
 
 impl Sampling {
     /// These settings with those a scan spec names changed: comma-separated `key=value` with the
     /// keys `g` (style guidance), `id` (identity guidance), `st` (encoder style guidance), `x`
-    /// (climbs per step), `floor` (fidelity floor) and `share` (the floor's largest share), e.g.
-    /// `g=0.5,id=60,st=40,x=2,floor=0.7,share=1.5`.
+    /// (climbs per step), `floor` (fidelity floor), `share` (the floor's largest share) and `guard`
+    /// (1: the fidelity guard judges the floor, 0: the guided encoder), e.g.
+    /// `g=0.5,id=60,st=40,x=2,floor=0.7,share=1.5,guard=1`.
     pub fn with(self, spec: &str) -> anyhow::Result<Sampling> {
         let mut s = self;
         for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -701,13 +704,20 @@ impl Sampling {
                 "st" => s.encoder.style = number("st")?,
                 "floor" => s.encoder.fidelity_floor = number("floor")?,
                 "share" => s.encoder.floor_max_share = number("share")?,
+                "guard" => {
+                    s.guard = match value.trim() {
+                        "1" => true,
+                        "0" => false,
+                        _ => anyhow::bail!("scan spec {spec:?}: guard {value:?} is not 0 or 1"),
+                    }
+                }
                 "x" => {
                     s.encoder.iters = value.trim().parse().with_context(|| {
                         format!("scan spec {spec:?}: x {value:?} is not a count")
                     })?
                 }
                 other => anyhow::bail!(
-                    "scan spec {spec:?}: unknown key {other:?} (keys: g, id, st, x, floor, share)"
+                    "scan spec {spec:?}: unknown key {other:?} (keys: g, id, st, x, floor, share, guard)"
                 ),
             }
         }
@@ -1204,8 +1214,12 @@ mod tests {
                 identity: 40.0,
                 ..Default::default()
             },
+            guard: false,
         };
-        let s = base.with("g=0.5, st=40,x=2,floor=0.7,share=1.5").unwrap();
+        let s = base
+            .with("g=0.5, st=40,x=2,floor=0.7,share=1.5,guard=1")
+            .unwrap();
+        assert!(s.guard);
         assert_eq!(s.guidance, Some(0.5));
         assert_eq!(
             s.encoder,
@@ -1226,6 +1240,7 @@ mod tests {
             ("floor=1", "fidelity floor"),
             ("x=0", "1..=16"),
             ("share=0.5", "largest share"),
+            ("guard=yes", "not 0 or 1"),
         ] {
             let e = base.with(spec).unwrap_err().to_string();
             assert!(e.contains(says) && e.contains(spec), "{spec}: {e}");

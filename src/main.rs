@@ -94,9 +94,15 @@ enum Command {
         /// The largest share of the residual the fidelity floor tries (1 to 4, in tenths).
         #[arg(long, default_value_t = 1.0)]
         floor_max_share: f32,
+        /// An encoder bundle that judges the fidelity floor in place of the item encoder, which
+        /// the guidance climbs (e.g. `models/guard`, trained in a separate run); unset: the item
+        /// encoder judges.
+        #[arg(long)]
+        fidelity_guard: Option<PathBuf>,
         /// More settings of the generator, each as extra uniform and retrieval rows of the same
         /// run, e.g. `--scan g=0.5,id=60,st=40,x=2,floor=0.7` (keys g, id, st, x, floor, share; what a
-        /// spec leaves out comes from the flags above); repeat for a scan.
+        /// spec leaves out comes from the flags above; `guard=0|1` turns the fidelity guard off or
+        /// on); repeat for a scan.
         #[arg(long = "scan")]
         scans: Vec<String>,
         /// Candidates per display in the best-of-N rows.
@@ -699,6 +705,7 @@ fn main() -> anyhow::Result<()> {
             guidance_iters,
             fidelity_floor,
             floor_max_share,
+            fidelity_guard,
             scans,
             best_of,
             generation_split,
@@ -754,7 +761,13 @@ fn main() -> anyhow::Result<()> {
                     fidelity_floor,
                     floor_max_share,
                 },
+                guard: fidelity_guard.is_some(),
             };
+            let guard = fidelity_guard
+                .map(|dir| {
+                    ragar::model::emoji::EmojiEncoder::load(&dir, None).map(std::sync::Arc::new)
+                })
+                .transpose()?;
             let settings = scans
                 .iter()
                 .map(|spec| Ok((spec.clone(), base.with(spec)?)))
@@ -768,7 +781,14 @@ fn main() -> anyhow::Result<()> {
                         Some(scale) => g.with_guidance(scale)?,
                         None => g,
                     };
-                    Ok(g.with_encoder_guidance(encoder.clone(), s.encoder)?)
+                    let g = g.with_encoder_guidance(encoder.clone(), s.encoder)?;
+                    match (s.guard, &guard) {
+                        (false, _) => Ok(g),
+                        (true, Some(guard)) => Ok(g.with_fidelity_guard(guard.clone())?),
+                        (true, None) => {
+                            anyhow::bail!("a scan's guard=1 needs --fidelity-guard DIR")
+                        }
+                    }
                 };
             let load_generator = |dir: &std::path::Path| -> anyhow::Result<
                 Option<ragar::model::diffusion::StyleDiffusion>,

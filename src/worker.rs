@@ -142,6 +142,12 @@ impl Models {
                 let generator = generator
                     .with_encoder_guidance(emoji.clone(), scales)
                     .map_err(|e| invalid("models.generator_identity_guidance", e.to_string()))?;
+                let generator = match &cfg.generator_guard_dir {
+                    Some(dir) => EmojiEncoder::load(dir, None)
+                        .and_then(|g| generator.with_fidelity_guard(Arc::new(g)))
+                        .map_err(|e| invalid("models.generator_guard_dir", e.to_string()))?,
+                    None => generator,
+                };
                 Arc::new(generator)
             }
             "sd" => {
@@ -469,6 +475,34 @@ mod tests {
                 ..cfg.clone()
             }),
             "models.generator_dir"
+        );
+        // A fidelity guard (an encoder bundle at the generator's resolution) loads and is named
+        // in the version; a missing one names its key.
+        let guard = tempfile::tempdir().unwrap();
+        let guard_dir = guard.path().join("guard");
+        crate::data::simulate::testdata::tiny_encoder_for(
+            &guard_dir,
+            vec!["google".into(), "twitter".into(), "openmoji".into()],
+            32,
+        );
+        let floored = ModelsConfig {
+            generator_fidelity_floor: 0.7,
+            generator_identity_guidance: 20.0,
+            generator_guard_dir: Some(guard_dir),
+            ..cfg.clone()
+        };
+        let guarded = Models::from_config(&floored).unwrap();
+        assert!(
+            guarded.generator.version().ends_with("+floor0.7:1~guard"),
+            "{}",
+            guarded.generator.version()
+        );
+        assert_eq!(
+            key_of(&ModelsConfig {
+                generator_guard_dir: Some(root.join("models/none")),
+                ..floored
+            }),
+            "models.generator_guard_dir"
         );
         // Stable Diffusion from a directory in the diffusers layout.
         let sd = tempfile::tempdir().unwrap();

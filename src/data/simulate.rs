@@ -540,6 +540,11 @@ pub(crate) mod testdata {
 
     /// [`tiny_encoder`] for the vendors `vendors`: style block of 4 values, embeddings of 388.
     pub(crate) fn tiny_encoder_for(bundle: &Path, vendors: Vec<String>, res: u32) {
+        tiny_encoder_seeded(bundle, vendors, res, 3)
+    }
+
+    /// [`tiny_encoder_for`] with weights drawn from `seed`.
+    pub(crate) fn tiny_encoder_seeded(bundle: &Path, vendors: Vec<String>, res: u32, seed: u64) {
         use crate::model::emoji::{EmojiEncoderConfig, EmojiNet};
         use candle_core::{DType, Device};
         use candle_nn::{VarBuilder, VarMap};
@@ -555,7 +560,7 @@ pub(crate) mod testdata {
             VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
         )
         .unwrap();
-        crate::train::seeded_init(&vm, 3).unwrap();
+        crate::train::seeded_init(&vm, seed).unwrap();
         vm.save(bundle.join("model.safetensors")).unwrap();
         std::fs::write(
             bundle.join("config.json"),

@@ -34,7 +34,7 @@ use super::emoji::{
     bundle_version, images_to_tensor, load_bundle, BundleConfig, EmojiEncoder, EmojiNet,
 };
 use super::minilm::l2_normalize;
-use super::{Candidate, GenerationRequest, Generator, Image, ModelError};
+use super::{Candidate, GenerationRequest, Generator, Image, ItemEncoder, ModelError};
 
 /// Layout version of the bundle.
 pub const BUNDLE_FORMAT: u32 = 1;
@@ -428,7 +428,15 @@ impl StyleNet {
         if let Some((net, target, scales)) = &encoder {
             if scales.fidelity_floor > 0.0 {
                 let shares = floor_shares(scales.floor_max_share);
-                x = floor_fidelity(net, reference, target, &x, scales.fidelity_floor, &shares)?;
+                let floor = scales.fidelity_floor;
+                x = match guide.guard {
+                    // The guard judges against its own content of the reference.
+                    Some(guard) => {
+                        let own = l2_normalize(&guard.forward(reference)?.content)?;
+                        floor_fidelity(guard, reference, &own, &x, floor, &shares)?
+                    }
+                    None => floor_fidelity(net, reference, target, &x, floor, &shares)?,
+                };
             }
         }
         Ok((reference + x)?.clamp(-1f32, 1f32)?)
@@ -443,6 +451,11 @@ pub struct Guidance<'a> {
     pub style: Option<(&'a Tensor, f32)>,
     /// The item encoder and the scales of the guidance through it.
     pub encoder: Option<(&'a EmojiNet, EncoderScales)>,
+    /// The fidelity guard: a second encoder, never climbed, that judges the fidelity floor in
+    /// place of the guided one (`None`: the guided encoder judges). The climbs raise the guided
+    /// encoder's content cosine by changes another encoder need not read as the same emoji, so
+    /// a floor judged by the encoder they climbed passes images a separate reader would not.
+    pub guard: Option<&'a EmojiNet>,
 }
 
 /// The fidelity floor: each row of the residual `x` (`[b, 3, r, r]`) times the largest of
@@ -641,6 +654,8 @@ pub struct StyleDiffusion {
     guidance: f32,
     /// The item encoder and the scales of the guidance through it, when any is on.
     encoder_guide: Option<(Arc<EmojiEncoder>, EncoderScales)>,
+    /// The fidelity guard (see [`Guidance::guard`]), when the floor has one.
+    guard: Option<Arc<EmojiEncoder>>,
     /// `generator:<dir name>`; `version` adds the sampling settings.
     bundle: String,
     version: String,
@@ -648,9 +663,15 @@ pub struct StyleDiffusion {
 
 /// `bundle@steps`, then `+g<scale>` with style guidance, `+id<scale>` with identity guidance,
 /// `+st<scale>` with encoder style guidance, `x<iters>` when the encoder's climb repeats and
-/// `+floor<f>:<max>` with a fidelity floor over tenths up to `max`: the version names what makes
-/// the images.
-fn sampling_version(bundle: &str, steps: usize, guidance: f32, encoder: EncoderScales) -> String {
+/// `+floor<f>:<max>` with a fidelity floor over tenths up to `max`, `~<guard>` when a guard
+/// judges it: the version names what makes the images.
+fn sampling_version(
+    bundle: &str,
+    steps: usize,
+    guidance: f32,
+    encoder: EncoderScales,
+    guard: Option<&str>,
+) -> String {
     let mut v = format!("{bundle}@{steps}");
     if guidance > 0.0 {
         v.push_str(&format!("+g{guidance}"));
@@ -669,6 +690,9 @@ fn sampling_version(bundle: &str, steps: usize, guidance: f32, encoder: EncoderS
             "+floor{}:{}",
             encoder.fidelity_floor, encoder.floor_max_share
         ));
+        if let Some(guard) = guard {
+            v.push_str(&format!("~{guard}"));
+        }
     }
     v
 }
@@ -697,7 +721,8 @@ impl StyleDiffusion {
             steps,
             guidance,
             encoder_guide: None,
-            version: sampling_version(&bundle, steps, guidance, EncoderScales::default()),
+            guard: None,
+            version: sampling_version(&bundle, steps, guidance, EncoderScales::default(), None),
             bundle,
         })
     }
@@ -746,12 +771,41 @@ impl StyleDiffusion {
         Ok(self)
     }
 
+    /// Has `guard`, an encoder bundle the guidance never climbs, judge the fidelity floor in
+    /// place of the guided encoder (see [`Guidance::guard`]); it must read the generator's
+    /// resolution. Without a floor it is kept but unused.
+    pub fn with_fidelity_guard(
+        mut self,
+        guard: Arc<EmojiEncoder>,
+    ) -> Result<StyleDiffusion, ModelError> {
+        let (r, g) = (self.net.config.resolution, guard.config().resolution);
+        if r != g {
+            return Err(ModelError::Unsupported(format!(
+                "the fidelity guard reads {g}×{g} images, the generator draws {r}×{r}"
+            )));
+        }
+        self.guard = Some(guard);
+        self.refresh_version();
+        Ok(self)
+    }
+
     fn refresh_version(&mut self) {
         let scales = self
             .encoder_guide
             .as_ref()
             .map_or_else(EncoderScales::default, |(_, s)| *s);
-        self.version = sampling_version(&self.bundle, self.steps, self.guidance, scales);
+        // The guard's bundle directory, from its version `emoji-encoder:<dir>`.
+        let guard = self.guard.as_ref().map(|g| {
+            let v = g.version();
+            v.rsplit(':').next().unwrap_or(v).to_string()
+        });
+        self.version = sampling_version(
+            &self.bundle,
+            self.steps,
+            self.guidance,
+            scales,
+            guard.as_deref(),
+        );
     }
 
     pub fn config(&self) -> &GeneratorConfig {
@@ -800,6 +854,7 @@ impl Generator for StyleDiffusion {
             let guide = Guidance {
                 style: own.as_ref().map(|own| (own, self.guidance)),
                 encoder: self.encoder_guide.as_ref().map(|(e, s)| (e.net(), *s)),
+                guard: self.guard.as_ref().map(|g| g.net()),
             };
             let out = self.net.sample_guided(
                 &reference,
@@ -1208,7 +1263,14 @@ pub(crate) mod tests {
             floor_max_share: 1.5,
             ..Default::default()
         };
-        assert_eq!(sampling_version("b", 2, 0.0, floored), "b@2+floor0.6:1.5");
+        assert_eq!(
+            sampling_version("b", 2, 0.0, floored, None),
+            "b@2+floor0.6:1.5"
+        );
+        assert_eq!(
+            sampling_version("b", 2, 0.0, floored, Some("guard")),
+            "b@2+floor0.6:1.5~guard"
+        );
         let c = images(&both);
         assert!(c != a && c != b);
         assert_eq!(images(&both), c, "deterministic");
@@ -1259,6 +1321,127 @@ pub(crate) mod tests {
             .expect("refused")
             .to_string();
         assert!(err.contains("6-value"), "{err}");
+    }
+
+    #[test]
+    fn a_fidelity_guard_judges_the_floor() {
+        use crate::data::simulate::testdata::tiny_encoder_seeded;
+        use crate::model::emoji::CONTENT_DIM;
+        let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+        let vendors = || vec!["a".to_string(), "b".to_string()];
+        // The guided encoder, a guard with other weights, one with the same, one at 16×16.
+        for (dir, (res, seed)) in dirs.iter().zip([(8, 3), (8, 4), (8, 3), (16, 4)]) {
+            tiny_encoder_seeded(dir.path(), vendors(), res, seed);
+        }
+        let load = |i: usize| Arc::new(EmojiEncoder::load(dirs[i].path(), None).unwrap());
+        let (encoder, guard, twin, wide) = (load(0), load(1), load(2), load(3));
+        let gen_dir = tempfile::tempdir().unwrap();
+        let gen_cfg = GeneratorConfig {
+            channels: 4,
+            time_features: 4,
+            steps: 2,
+            ..GeneratorConfig::new(8, CONTENT_DIM + 4, CONTENT_DIM, 4)
+        };
+        save_bundle(gen_dir.path(), &gen_cfg, 3);
+        let net = StyleNet::new(
+            gen_cfg,
+            load_bundle::<GeneratorConfig>(gen_dir.path(), &Device::Cpu)
+                .unwrap()
+                .1,
+        )
+        .unwrap();
+        // An image in [-1, 1], as the generator's references are.
+        let reference = (Tensor::from_vec(seeded_noise(1, 2 * 3 * 64), (2, 3, 8, 8), &Device::Cpu)
+            .unwrap()
+            * 0.5)
+            .unwrap()
+            .clamp(-1f32, 1f32)
+            .unwrap();
+        let style = Tensor::new(&[[1f32, 0.0, 0.0, 0.0]; 2], &Device::Cpu).unwrap();
+        let sample = |scales: EncoderScales, guard: Option<&EmojiNet>| -> Tensor {
+            let noise =
+                Tensor::from_vec(seeded_noise(9, 2 * 3 * 64), (2, 3, 8, 8), &Device::Cpu).unwrap();
+            let guide = Guidance {
+                style: None,
+                encoder: Some((encoder.net(), scales)),
+                guard,
+            };
+            net.sample_guided(&reference, &style, guide, noise, 2, None)
+                .unwrap()
+        };
+        // The guard's content cosine of each image to the reference.
+        let guard_cos = |images: &Tensor| -> Vec<f32> {
+            let c = |x: &Tensor| l2_normalize(&guard.net().forward(x).unwrap().content).unwrap();
+            (c(images) * c(&reference))
+                .unwrap()
+                .sum(1)
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let row = |t: &Tensor, i: usize| t.get(i).unwrap().flatten_all().unwrap().to_vec1::<f32>();
+        let climbs = EncoderScales {
+            identity: 2.0,
+            ..Default::default()
+        };
+        let free = sample(climbs, None);
+        let full = guard_cos(&free);
+        // A floor between the two images' guard cosines: the guard keeps the nearer image whole
+        // and shrinks the other until it holds the floor (or gives the reference back).
+        let floor = (full[0] + full[1]) / 2.0;
+        assert!(floor > 0.0 && floor < 1.0, "{full:?}");
+        let floored = EncoderScales {
+            fidelity_floor: floor,
+            ..climbs
+        };
+        let guarded = sample(floored, Some(guard.net()));
+        let (near, far) = if full[0] > full[1] { (0, 1) } else { (1, 0) };
+        assert_eq!(row(&guarded, near).unwrap(), row(&free, near).unwrap());
+        assert_ne!(row(&guarded, far).unwrap(), row(&free, far).unwrap());
+        let kept = guard_cos(&guarded)[far];
+        assert!(
+            row(&guarded, far).unwrap() == row(&reference, far).unwrap() || kept >= floor,
+            "guard cosine {kept} under the floor {floor}"
+        );
+        // A guard with the guided encoder's weights judges as the guided encoder does.
+        let unguarded = sample(floored, None)
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>();
+        let twinned = sample(floored, Some(twin.net()))
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>();
+        assert_eq!(unguarded.unwrap(), twinned.unwrap());
+        // The generator names its guard; a guard of another resolution is refused.
+        let scales = EncoderScales {
+            fidelity_floor: 0.5,
+            ..climbs
+        };
+        let g = StyleDiffusion::load(gen_dir.path(), None)
+            .unwrap()
+            .with_encoder_guidance(encoder.clone(), scales)
+            .unwrap()
+            .with_fidelity_guard(guard.clone())
+            .unwrap();
+        let name = dirs[1]
+            .path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .to_string();
+        assert!(
+            g.version().ends_with(&format!("+floor0.5:1~{name}")),
+            "{}",
+            g.version()
+        );
+        let err = StyleDiffusion::load(gen_dir.path(), None)
+            .unwrap()
+            .with_fidelity_guard(wide)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("16×16"), "{err}");
     }
 
     #[test]
