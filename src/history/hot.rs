@@ -281,7 +281,7 @@ impl Hot {
         for it in items {
             let key = self.item_key(&it.item_id);
             let mut fields: Vec<(&str, Vec<u8>)> = vec![
-                ("emb", f32s_to_bytes(&it.embedding)),
+                ("emb", f32s_to_bytes(&it.embedding).into_owned()),
                 ("ev", it.event_id.as_bytes().to_vec()),
                 ("ts", it.ts_ms.to_string().into_bytes()),
             ];
@@ -353,9 +353,7 @@ pub fn encode_member(e: &HistoryEntry) -> Vec<u8> {
     m.extend_from_slice(e.action.as_str().as_bytes());
     m.push(0);
     m.extend_from_slice(&e.ts_ms.to_le_bytes());
-    for x in e.embedding.iter() {
-        m.extend_from_slice(&x.to_le_bytes());
-    }
+    m.extend_from_slice(&f32s_to_bytes(&e.embedding));
     m
 }
 
@@ -379,8 +377,14 @@ pub fn decode_member(user_id: &str, m: &[u8]) -> Option<HistoryEntry> {
     })
 }
 
-fn f32s_to_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+/// Little-endian f32s: the values' own bytes on little-endian machines (one copy; converting
+/// value by value was 3% of the worker's ingest CPU).
+fn f32s_to_bytes(v: &[f32]) -> std::borrow::Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        std::borrow::Cow::Borrowed(bytemuck::cast_slice(v))
+    } else {
+        std::borrow::Cow::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+    }
 }
 
 #[cfg(test)]
