@@ -112,9 +112,17 @@ impl Acks {
     }
 
     pub fn complete(&self, token: &AckToken) {
+        self.complete_all(std::slice::from_ref(token));
+    }
+
+    /// Completes many tokens under one lock, with one wake-up of the waiters (a write group's
+    /// thousands of messages: a wake per message was a futex call each).
+    pub fn complete_all<'a>(&self, tokens: impl IntoIterator<Item = &'a AckToken>) {
         let mut map = self.lock();
-        if let Some(t) = map.get_mut(&token.tp) {
-            t.complete(token.offset);
+        for token in tokens {
+            if let Some(t) = map.get_mut(&token.tp) {
+                t.complete(token.offset);
+            }
         }
         drop(map);
         self.drained.notify_all();
@@ -285,6 +293,31 @@ mod tests {
         assert_eq!(acks.remove(std::slice::from_ref(&b)), vec![(b.clone(), 7)]);
         acks.complete(&t2); // after revocation: ignored
         assert_eq!(acks.in_flight(), 0);
+    }
+
+    #[test]
+    fn complete_all_completes_every_token_across_partitions() {
+        let acks = Acks::new();
+        let a = TopicPartition::new("t", 0);
+        let b = TopicPartition::new("t", 1);
+        let tokens: Vec<AckToken> = (0..3)
+            .map(|o| acks.start(&a, o))
+            .chain((10..12).map(|o| acks.start(&b, o)))
+            .collect();
+        let gone = TopicPartition::new("t", 2);
+        let revoked = acks.start(&gone, 7);
+        acks.remove(std::slice::from_ref(&gone));
+        // The first of `a` stays pending; a revoked partition's token is ignored.
+        acks.complete_all(tokens[1..].iter().chain([&revoked]));
+        assert_eq!(acks.in_flight(), 1);
+        let mut marks = acks.watermarks();
+        marks.sort();
+        assert_eq!(marks, vec![(a.clone(), 0), (b.clone(), 12)]);
+        acks.complete_all([&tokens[0]]);
+        assert_eq!(
+            acks.watermarks().iter().find(|(tp, _)| *tp == a),
+            Some(&(a, 3))
+        );
     }
 
     #[test]

@@ -479,9 +479,7 @@ impl HistoryStage {
     }
 
     fn complete_all(&self, msgs: &[Consumed]) {
-        for m in msgs {
-            self.acks.complete(&m.token);
-        }
+        self.acks.complete_all(msgs.iter().map(|m| &m.token));
     }
 
     async fn flush_windows(&self, entries: &[HistoryEntry]) {
