@@ -22,6 +22,7 @@ use arrow_array::{
 };
 use arrow_schema::{ArrowError, DataType, Field, FieldRef, Schema, SchemaRef};
 use futures::TryStreamExt;
+use lancedb::expr::{col, lit};
 use lancedb::index::scalar::BTreeIndexBuilder;
 use lancedb::index::Index;
 use lancedb::query::{ColumnOrdering, ExecutableQuery, QueryBase, Select};
@@ -331,11 +332,13 @@ impl LanceStore {
     ) -> Result<HashSet<String>, LanceError> {
         let mut stored = HashSet::new();
         for chunk in rows.chunks(EVENT_ID_LOOKUP_CHUNK) {
-            let list: Vec<String> = chunk.iter().map(|r| sql_str(&r.event_id)).collect();
+            // An expression, not SQL text: lancedb tokenizes a SQL filter twice and Lance parses
+            // it again, per literal, which was most of this query's CPU at thousands of ids.
+            let list = chunk.iter().map(|r| lit(r.event_id.as_str())).collect();
             let batches: Vec<RecordBatch> = self
                 .interactions
                 .query()
-                .only_if(format!("event_id IN ({})", list.join(",")))
+                .only_if_expr(col("event_id").in_list(list, false))
                 .select(Select::columns(&["event_id"]))
                 .execute()
                 .await?
@@ -1002,6 +1005,15 @@ mod tests {
         mixed.push(entry("e6", "u2", "i2", 50, [0.0, 1.0, 0.0, 0.0]));
         assert_eq!(store.insert_interactions(&mixed).await.unwrap(), 1);
         assert_eq!(store.count_interactions(None).await.unwrap(), 6);
+
+        // Ids are matched as values, whatever characters they hold.
+        let odd = vec![
+            entry("it's", "u3", "i1", 60, [1.0, 0.0, 0.0, 0.0]),
+            entry("a\"b\\c) OR 1=1 --", "u3", "i1", 61, [1.0, 0.0, 0.0, 0.0]),
+        ];
+        assert_eq!(store.insert_interactions(&odd).await.unwrap(), 2);
+        assert_eq!(store.insert_interactions(&odd).await.unwrap(), 0);
+        assert_eq!(store.count_interactions(None).await.unwrap(), 8);
     }
 
     #[tokio::test]
