@@ -193,9 +193,8 @@ pub struct LanceConfig {
     /// Largest micro-batch: the events decoded and applied together, whose interactions go to
     /// Redis in one pipeline and to the LanceDB writer as one group. Under a backlog every batch
     /// is full, and per-batch costs (a Redis command per user and batch, the stored-id query and
-    /// append per write) are shared by more events: in `benches/ingest.rs` 8,000 did 83–88k
-    /// events/s at 18.5–19.7 µs of CPU per event against 63–72k and 21.8–24.5 µs at 2,000.
-    /// Without a backlog, `batch_linger` bounds a batch first.
+    /// append per write) are shared by more events: 8,000 ingested about a fifth more events/s
+    /// than 2,000 (README, Benchmarks). Without a backlog, `batch_linger` bounds a batch first.
     pub batch_max_rows: usize,
     /// How long the writer waits to fill a micro-batch once it has one event.
     #[serde(with = "humantime_serde")]

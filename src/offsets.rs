@@ -94,8 +94,9 @@ impl Acks {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TopicPartition, PartitionTracker>> {
-        // A panic while holding this lock cannot leave the map half-updated: every critical
-        // section is a single insert/remove.
+        // A panic while holding this lock cannot leave a tracker half-updated: each change is a
+        // single insert/remove (a panic partway through `complete_all` leaves some of its tokens
+        // pending, which holds the watermark back and loses nothing).
         self.partitions.lock().unwrap_or_else(|p| p.into_inner())
     }
 

@@ -192,7 +192,23 @@ impl HistoryStage {
                     let embedding = match ev.embedding {
                         Some(e) => e,
                         None => match self.lookup_item(&ev.item_id, &mut items).await {
-                            Ok(Some(item)) => item.embedding,
+                            // The store refuses a non-finite embedding in a write group; an
+                            // item stored with one fails only its own interactions.
+                            Ok(Some(item)) if item.embedding.iter().all(|x| x.is_finite()) => {
+                                item.embedding
+                            }
+                            Ok(Some(_)) => {
+                                let msg = format!(
+                                    "item `{}` has a non-finite embedding and the interaction has none",
+                                    ev.item_id
+                                );
+                                self.dead_letter(
+                                    d.msg,
+                                    DecodeError::new(DlqKind::NonFinite, msg),
+                                    "interaction",
+                                );
+                                continue;
+                            }
                             Ok(None) => {
                                 let msg = format!(
                                     "item `{}` is unknown and the interaction has no embedding",
@@ -509,7 +525,13 @@ impl HistoryStage {
                     })
                     .await;
                     match result {
-                        Ok(Ok(v)) if v.len() == dim => v.into(),
+                        Ok(Ok(v)) if v.len() == dim && v.iter().all(|x| x.is_finite()) => v.into(),
+                        Ok(Ok(v)) if v.len() == dim => {
+                            return Err(DecodeError::new(
+                                DlqKind::NonFinite,
+                                "the encoder returned a non-finite value",
+                            ))
+                        }
                         Ok(Ok(v)) => {
                             return Err(DecodeError::new(
                                 DlqKind::Processing,
