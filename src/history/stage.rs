@@ -197,28 +197,16 @@ impl HistoryStage {
                             Ok(Some(item)) if item.embedding.iter().all(|x| x.is_finite()) => {
                                 item.embedding
                             }
-                            Ok(Some(_)) => {
+                            Ok(found) => {
+                                let (kind, what) = match found {
+                                    Some(_) => (DlqKind::NonFinite, "has a non-finite embedding"),
+                                    None => (DlqKind::UnknownItem, "is unknown"),
+                                };
                                 let msg = format!(
-                                    "item `{}` has a non-finite embedding and the interaction has none",
+                                    "item `{}` {what} and the interaction has no embedding",
                                     ev.item_id
                                 );
-                                self.dead_letter(
-                                    d.msg,
-                                    DecodeError::new(DlqKind::NonFinite, msg),
-                                    "interaction",
-                                );
-                                continue;
-                            }
-                            Ok(None) => {
-                                let msg = format!(
-                                    "item `{}` is unknown and the interaction has no embedding",
-                                    ev.item_id
-                                );
-                                self.dead_letter(
-                                    d.msg,
-                                    DecodeError::new(DlqKind::UnknownItem, msg),
-                                    "interaction",
-                                );
+                                self.dead_letter(d.msg, DecodeError::new(kind, msg), "interaction");
                                 continue;
                             }
                             Err(Failure::Permanent(e)) => {
