@@ -199,9 +199,14 @@ pub struct LanceConfig {
     /// How long the writer waits to fill a micro-batch once it has one event.
     #[serde(with = "humantime_serde")]
     pub batch_linger: Duration,
-    /// Background compaction period; `0s` disables it.
+    /// Background compaction period (which also merges the indices' segments); `0s` disables it.
     #[serde(with = "humantime_serde")]
     pub compact_interval: Duration,
+    /// How often the rows written since are added to the indices as a segment of their own; `0s`
+    /// disables it. Each write's stored-id lookup scans the rows no index covers, so at 100k
+    /// events/s and only the minute's compaction it would scan up to 6M rows per write.
+    #[serde(with = "humantime_serde")]
+    pub index_interval: Duration,
     /// How stale a read may be with respect to other workers' writes (`0s`: never stale).
     #[serde(with = "humantime_serde")]
     pub read_consistency: Duration,
@@ -214,6 +219,7 @@ impl Default for LanceConfig {
             batch_max_rows: 8000,
             batch_linger: Duration::from_millis(20),
             compact_interval: Duration::from_secs(60),
+            index_interval: Duration::from_secs(5),
             read_consistency: Duration::from_secs(1),
         }
     }

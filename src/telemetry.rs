@@ -24,7 +24,7 @@ pub mod names {
     /// Messages sent to the dead-letter topic, by `kind`.
     pub const DLQ: &str = "ragar_dlq_messages_total";
     /// Time per `stage`: decode, history_cache (Redis windows), history_write (LanceDB), history_read,
-    /// preference, generate, rank, publish, compact.
+    /// preference, generate, rank, publish, compact, index (new rows into the indices).
     pub const STAGE_SECONDS: &str = "ragar_stage_seconds";
     /// From receiving a display event to its output being delivered.
     pub const END_TO_END_SECONDS: &str = "ragar_end_to_end_seconds";
@@ -51,6 +51,8 @@ pub mod names {
     pub const LANCE_WRITE_ERRORS: &str = "ragar_lance_write_errors_total";
     /// Data fragments of the interactions table.
     pub const LANCE_FRAGMENTS: &str = "ragar_lance_fragments";
+    /// Interaction rows no `event_id` index segment covers yet: what each stored-id lookup scans.
+    pub const LANCE_UNINDEXED_ROWS: &str = "ragar_lance_unindexed_rows";
     /// Outputs published, and replays skipped because the output was already published.
     pub const OUTPUTS: &str = "ragar_outputs_total";
 }
@@ -136,6 +138,10 @@ fn describe() {
     describe_gauge!(
         names::LANCE_FRAGMENTS,
         "Data fragments of the interactions table"
+    );
+    describe_gauge!(
+        names::LANCE_UNINDEXED_ROWS,
+        "Interaction rows not yet covered by the event_id index (scanned by each stored-id lookup)"
     );
     describe_counter!(
         names::OUTPUTS,

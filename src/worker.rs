@@ -301,6 +301,7 @@ pub async fn run(
     let maintenance = tokio::spawn(maintain(
         history.clone(),
         cfg.lance.compact_interval,
+        cfg.lance.index_interval,
         stop.clone(),
     ));
 
@@ -372,19 +373,41 @@ pub async fn run(
     Ok(())
 }
 
-async fn maintain(history: Arc<History>, every: std::time::Duration, stop: CancellationToken) {
-    if every.is_zero() {
-        return;
+/// Background LanceDB upkeep: the rows written since into the indices every `index_every`,
+/// compaction (merging the index segments) every `compact_every`; a zero period turns that part off.
+async fn maintain(
+    history: Arc<History>,
+    compact_every: std::time::Duration,
+    index_every: std::time::Duration,
+    stop: CancellationToken,
+) {
+    let ticker = |every: std::time::Duration| {
+        (!every.is_zero()).then(|| {
+            let mut t = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        })
+    };
+    async fn tick(t: &mut Option<tokio::time::Interval>) {
+        match t {
+            Some(t) => {
+                t.tick().await;
+            }
+            None => std::future::pending().await,
+        }
     }
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
+    let (mut compact, mut index) = (ticker(compact_every), ticker(index_every));
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tick.tick() => {
+            _ = tick(&mut compact) => {
                 if let Err(e) = history.maintain().await {
                     tracing::warn!(error = %e, "LanceDB maintenance failed");
+                }
+            }
+            _ = tick(&mut index) => {
+                if let Err(e) = history.index_new_rows().await {
+                    tracing::warn!(error = %e, "indexing new LanceDB rows failed");
                 }
             }
         }

@@ -8,8 +8,11 @@
 //!
 //! Every micro-batch write adds a data fragment, and reads slow down as fragments pile up, so
 //! [`LanceStore::optimize`] is meant to run in the background: it compacts both tables, prunes old
-//! versions, folds new rows into the indices and creates the BTree scalar indices that the
-//! `user_id` filters, the `event_id` lookups and the `item_id` merge join rely on.
+//! versions, merges the indices' segments into one and creates the BTree scalar indices that the
+//! `user_id` filters, the `event_id` lookups and the `item_id` merge join rely on. Between two
+//! compactions, [`LanceStore::index_new_rows`] adds the rows written since as a new index segment
+//! (cost: those rows only): a query scans every row no index covers, so without it the stored-id
+//! lookup before each write would read everything written since the last compaction.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -26,7 +29,7 @@ use lancedb::expr::{col, lit};
 use lancedb::index::scalar::BTreeIndexBuilder;
 use lancedb::index::Index;
 use lancedb::query::{ColumnOrdering, ExecutableQuery, QueryBase, Select};
-use lancedb::table::{NaNVectorBehavior, OptimizeAction};
+use lancedb::table::{CompactionOptions, NaNVectorBehavior, OptimizeAction, OptimizeOptions};
 use lancedb::{Connection, DistanceType, Table};
 
 use crate::event::Action;
@@ -48,6 +51,8 @@ const INTERACTION_INDEXED: &[&str] = &["user_id", "event_id"];
 /// Event ids per lookup query of [`LanceStore::insert_interactions`] (one `IN` list each).
 const EVENT_ID_LOOKUP_CHUNK: usize = 16_384;
 const ITEM_INDEXED: &[&str] = &["item_id"];
+/// lancedb names an index on column `c` `c_idx`.
+const INDEX_SUFFIX: &str = "_idx";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LanceError {
@@ -522,20 +527,22 @@ impl LanceStore {
             .await?)
     }
 
-    /// Background maintenance: compacts both tables (and prunes versions older than lancedb's
-    /// default of 7 days, and folds new rows into existing indices), then creates the BTree scalar
-    /// indices on interactions.user_id, interactions.event_id and items.item_id where missing.
+    /// Background maintenance: compacts both tables, prunes versions older than 7 days, merges
+    /// each index's segments (the one built at creation and those [`Self::index_new_rows`] added)
+    /// into one that covers the new rows too, then creates the BTree scalar indices on
+    /// interactions.user_id, interactions.event_id and items.item_id where missing.
     pub async fn optimize(&self) -> Result<(), LanceError> {
-        let tables: [(&Table, &[&str]); 2] = [
-            (&self.interactions, INTERACTION_INDEXED),
-            (&self.items, ITEM_INDEXED),
-        ];
-        for (table, indexed) in tables {
+        for (table, indexed) in self.indexed_tables() {
             // Nothing to compact, and a scalar index cannot be trained on no rows.
             if table.count_rows(None).await? == 0 {
                 continue;
             }
-            let stats = table.optimize(OptimizeAction::All).await?;
+            let stats = table
+                .optimize(OptimizeAction::Compact {
+                    options: CompactionOptions::default(),
+                    remap_options: None,
+                })
+                .await?;
             if let Some(c) = stats.compaction {
                 tracing::debug!(
                     table = table.name(),
@@ -544,11 +551,57 @@ impl LanceStore {
                     "compacted lance table"
                 );
             }
+            table
+                .optimize(OptimizeAction::Prune {
+                    older_than: None,
+                    delete_unverified: None,
+                    error_if_tagged_old_versions: None,
+                })
+                .await?;
+            // Every segment, not lancedb's default of the newest one: segments added between
+            // compactions would otherwise pile up, and a lookup searches each of them.
+            table
+                .optimize(OptimizeAction::Index(OptimizeOptions::merge(usize::MAX)))
+                .await?;
             // Created after compaction so that a new index is built over the compacted fragments
             // instead of being remapped by it.
             ensure_btree_indices(table, indexed).await?;
         }
         Ok(())
+    }
+
+    /// Adds the rows written since the last maintenance to each index as a segment of their own,
+    /// leaving the existing segments as they are (creating the indices where missing). Cheap
+    /// between compactions: the stored-id lookup then searches those rows through the index
+    /// instead of scanning them.
+    pub async fn index_new_rows(&self) -> Result<(), LanceError> {
+        for (table, indexed) in self.indexed_tables() {
+            if table.count_rows(None).await? == 0 {
+                continue;
+            }
+            ensure_btree_indices(table, indexed).await?;
+            table
+                .optimize(OptimizeAction::Index(OptimizeOptions::append()))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Rows of the interactions table that no `event_id` index segment covers yet (all of them
+    /// before the index exists): what each stored-id lookup scans.
+    pub async fn unindexed_rows(&self) -> Result<usize, LanceError> {
+        let name = format!("event_id{INDEX_SUFFIX}");
+        match self.interactions.index_stats(&name).await? {
+            Some(stats) => Ok(stats.num_unindexed_rows),
+            None => Ok(self.interactions.count_rows(None).await?),
+        }
+    }
+
+    fn indexed_tables(&self) -> [(&Table, &'static [&'static str]); 2] {
+        [
+            (&self.interactions, INTERACTION_INDEXED),
+            (&self.items, ITEM_INDEXED),
+        ]
     }
 
     /// Number of data fragments of the interactions table (for a metric).
@@ -1002,6 +1055,64 @@ mod tests {
         assert_eq!(store.insert_interactions(&[]).await.unwrap(), 0);
         store.upsert_items(&[]).await.unwrap();
         assert_eq!(store.count_interactions(None).await.unwrap(), 0);
+    }
+
+    /// The `event_id` index's (indexed rows, unindexed rows, segments).
+    async fn event_id_index(store: &LanceStore) -> (usize, usize, Option<u32>) {
+        let stats = store
+            .interactions
+            .index_stats(format!("event_id{INDEX_SUFFIX}"))
+            .await
+            .unwrap()
+            .expect("the event_id index exists");
+        (
+            stats.num_indexed_rows,
+            stats.num_unindexed_rows,
+            stats.num_indices,
+        )
+    }
+
+    #[tokio::test]
+    async fn new_rows_are_indexed_as_segments_that_compaction_merges() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir).await;
+        // Before any maintenance there is no index, and every row is unindexed.
+        store.insert_interactions(&sample()).await.unwrap();
+        assert_eq!(store.unindexed_rows().await.unwrap(), 5);
+        store.index_new_rows().await.unwrap();
+        assert_eq!(event_id_index(&store).await, (5, 0, Some(1)));
+
+        // Each round of new rows becomes a segment of its own; the older ones stay as they are.
+        let later = |n: usize| entry(&format!("n{n}"), "u3", "i1", 100 + n as i64, [0.0; DIM]);
+        store
+            .insert_interactions(&[later(1), later(2)])
+            .await
+            .unwrap();
+        assert_eq!(store.unindexed_rows().await.unwrap(), 2);
+        store.index_new_rows().await.unwrap();
+        assert_eq!(event_id_index(&store).await, (7, 0, Some(2)));
+        // Nothing new: no empty segment.
+        store.index_new_rows().await.unwrap();
+        assert_eq!(event_id_index(&store).await, (7, 0, Some(2)));
+        store.insert_interactions(&[later(3)]).await.unwrap();
+        store.index_new_rows().await.unwrap();
+        assert_eq!(event_id_index(&store).await, (8, 0, Some(3)));
+
+        // The lookup finds stored ids in every segment, and only those.
+        let mut replay = sample();
+        replay.extend([later(1), later(3), later(4)]);
+        let fresh = store.fresh_interactions(&replay, &[]).await.unwrap();
+        assert_eq!(fresh, [7]);
+
+        // Compaction merges the segments into one that covers every row.
+        store.insert_interactions(&[later(4)]).await.unwrap();
+        store.optimize().await.unwrap();
+        assert_eq!(event_id_index(&store).await, (9, 0, Some(1)));
+        assert!(store
+            .fresh_interactions(&replay, &[])
+            .await
+            .unwrap()
+            .is_empty());
     }
 
     #[tokio::test]

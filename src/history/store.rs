@@ -334,14 +334,32 @@ impl History {
             .await;
     }
 
-    /// Compacts LanceDB and refreshes the fragment gauge.
+    /// Compacts LanceDB and refreshes the fragment and unindexed-rows gauges.
     pub async fn maintain(&self) -> Result<(), LanceError> {
         let started = Instant::now();
-        self.lance.optimize().await?;
+        let compacted = self.lance.optimize().await;
         metrics::histogram!(names::STAGE_SECONDS, "stage" => "compact")
             .record(started.elapsed().as_secs_f64());
         let fragments = self.lance.fragment_count().await?;
         metrics::gauge!(names::LANCE_FRAGMENTS).set(fragments as f64);
+        self.report_unindexed().await?;
+        compacted
+    }
+
+    /// Indexes the rows written since the last maintenance (a segment of their own), and
+    /// refreshes the unindexed-rows gauge (also when indexing failed, so that it shows).
+    pub async fn index_new_rows(&self) -> Result<(), LanceError> {
+        let started = Instant::now();
+        let indexed = self.lance.index_new_rows().await;
+        metrics::histogram!(names::STAGE_SECONDS, "stage" => "index")
+            .record(started.elapsed().as_secs_f64());
+        self.report_unindexed().await?;
+        indexed
+    }
+
+    async fn report_unindexed(&self) -> Result<(), LanceError> {
+        let rows = self.lance.unindexed_rows().await?;
+        metrics::gauge!(names::LANCE_UNINDEXED_ROWS).set(rows as f64);
         Ok(())
     }
 }
