@@ -1,8 +1,8 @@
 //! Preference extraction latency, Redis read included: read a user's window of 50, 500 and 5,000
 //! entries (384-dim) from Redis, weigh it against a reference and build the preference vector.
 //!
-//! `cargo bench --profile dev --bench preference` (Redis on 127.0.0.1:6379 or
-//! `RAGAR_BENCH_REDIS_URL`). Prints p50/p99 per history length; asserts nothing.
+//! `cargo bench --profile dev --bench preference -- [LENGTH...]` (default 50 500 5000; Redis on
+//! 127.0.0.1:6379 or `RAGAR_BENCH_REDIS_URL`). Prints p50/p99 per history length; asserts nothing.
 
 use std::time::Instant;
 
@@ -33,6 +33,16 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn main() {
+    let lengths: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .map(|a| a.parse().expect("a history length"))
+        .collect();
+    let lengths = if lengths.is_empty() {
+        vec![50, 500, 5_000]
+    } else {
+        lengths
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -51,7 +61,7 @@ fn main() {
             "{:>8} {:>10} {:>10} {:>10} {:>14}",
             "history", "p50 ms", "p99 ms", "max ms", "compute p50 ms"
         );
-        for &len in &[50usize, 500, 5_000] {
+        for &len in &lengths {
             let mut cfg = Config::default().redis;
             cfg.url = std::env::var("RAGAR_BENCH_REDIS_URL")
                 .unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());

@@ -517,19 +517,11 @@ impl<'de> Deserialize<'de> for Embedding {
                         "`embedding` decodes to {len} bytes, not a whole number of float32 values"
                     )));
                 }
-                // Allocated once, at its final size, and decoded in place.
-                let mut values: Arc<[f32]> = std::iter::repeat_n(0f32, len / 4).collect();
-                let out = Arc::get_mut(&mut values).expect("a new Arc is unique");
-                b64.decode(
-                    v.as_bytes(),
-                    base64_simd::Out::from_slice(bytemuck::cast_slice_mut(out)),
-                )
+                let values = le_f32s(len / 4, |out| {
+                    b64.decode(v.as_bytes(), base64_simd::Out::from_slice(out))
+                        .map(|_| ())
+                })
                 .map_err(invalid)?;
-                if cfg!(target_endian = "big") {
-                    for x in out.iter_mut() {
-                        *x = f32::from_bits(u32::from_le(x.to_bits()));
-                    }
-                }
                 Ok(Embedding {
                     values,
                     base64: true,
@@ -553,14 +545,28 @@ impl<'de> Deserialize<'de> for Embedding {
     }
 }
 
-/// Little-endian f32s. Filling a zeroed Vec in a plain loop compiles to vector moves; collecting
-/// the same iterator straight into an `Arc<[f32]>` went value by value (`benches/preference.rs`).
-pub fn f32s_from_le_bytes(b: &[u8]) -> Vec<f32> {
-    let mut out = vec![0f32; b.len() / 4];
-    for (x, c) in out.iter_mut().zip(b.chunks_exact(4)) {
-        *x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+/// `n` f32s whose little-endian bytes `fill` writes, in a shared slice allocated once at its final
+/// size and filled in place (no intermediate buffer to copy from).
+fn le_f32s<E>(n: usize, fill: impl FnOnce(&mut [u8]) -> Result<(), E>) -> Result<Arc<[f32]>, E> {
+    let mut values: Arc<[f32]> = std::iter::repeat_n(0f32, n).collect();
+    let out = Arc::get_mut(&mut values).expect("a new Arc is unique");
+    fill(bytemuck::cast_slice_mut(out))?;
+    if cfg!(target_endian = "big") {
+        for x in out.iter_mut() {
+            *x = f32::from_bits(u32::from_le(x.to_bits()));
+        }
     }
-    out
+    Ok(values)
+}
+
+/// Little-endian f32s (a trailing partial value is ignored), by one copy of the bytes: decoding
+/// into a Vec and then into the shared slice copied and allocated twice (`benches/preference.rs`).
+pub fn f32s_from_le_bytes(b: &[u8]) -> Arc<[f32]> {
+    let Ok(values) = le_f32s::<std::convert::Infallible>(b.len() / 4, |out| {
+        out.copy_from_slice(&b[..out.len()]);
+        Ok(())
+    });
+    values
 }
 
 /// Values reserved for an embedding before its length is known (typical dimensions fit).

@@ -68,10 +68,25 @@ pub struct Weighted {
 }
 
 /// Cosine similarity; 0 when either vector has zero length (a zero vector is like nothing).
+///
+/// Sums in [`LANES`] independent partial sums, which the compiler keeps in SIMD registers; one
+/// running sum is a chain of dependent additions that cannot be vectorized (it was 0.10 ms of
+/// weighing 500 history items against 0.02 ms now, `benches/preference.rs`).
 pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
-    let (mut dot, mut na, mut nb) = (0.0f32, 0.0f32, 0.0f32);
-    for (x, y) in a.iter().zip(b) {
+    let (mut dot, mut na, mut nb) = ([0.0f32; LANES], [0.0f32; LANES], [0.0f32; LANES]);
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..LANES {
+            dot[i] += x[i] * y[i];
+            na[i] += x[i] * x[i];
+            nb[i] += y[i] * y[i];
+        }
+    }
+    let (mut dot, mut na, mut nb): (f32, f32, f32) =
+        (dot.iter().sum(), na.iter().sum(), nb.iter().sum());
+    for (x, y) in ra.iter().zip(rb) {
         dot += x * y;
         na += x * x;
         nb += y * y;
@@ -81,6 +96,9 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
     }
     (dot / (na.sqrt() * nb.sqrt())).clamp(-1.0, 1.0)
 }
+
+/// Partial sums in [`cosine`]: two AVX registers of f32 per quantity.
+const LANES: usize = 16;
 
 /// Weighs `history` (newest first) against `reference` at time `now_ms`.
 ///
@@ -207,6 +225,26 @@ mod tests {
 
     fn sum(ws: &[Weighted]) -> f32 {
         ws.iter().map(|w| w.weight).sum()
+    }
+
+    #[test]
+    fn cosine_matches_a_double_precision_reference_at_every_length() {
+        let reference = |a: &[f32], b: &[f32]| {
+            let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+            let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum();
+            let nb: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+            dot / (na.sqrt() * nb.sqrt())
+        };
+        // Lengths below, at and between multiples of the lane count (the remainder path).
+        for n in [1usize, 3, 15, 16, 17, 33, 384, 391] {
+            let a: Vec<f32> = (0..n).map(|i| ((i * 7 + 3) % 11) as f32 - 5.0).collect();
+            let b: Vec<f32> = (0..n).map(|i| ((i * 5 + 1) % 13) as f32 - 6.5).collect();
+            let got = cosine(&a, &b) as f64;
+            assert!((got - reference(&a, &b)).abs() < 1e-5, "n={n}: {got}");
+            assert!((cosine(&a, &a) - 1.0).abs() < 1e-6, "n={n}");
+        }
+        assert_eq!(cosine(&[0.0; 20], &[1.0; 20]), 0.0);
+        assert_eq!(cosine(&[], &[]), 0.0);
     }
 
     #[test]

@@ -318,7 +318,7 @@ impl Hot {
             text: text(h.remove("text")),
             category: text(h.remove("cat")),
             image_png: h.remove("img").map(Into::into),
-            embedding: crate::event::f32s_from_le_bytes(&emb).into(),
+            embedding: crate::event::f32s_from_le_bytes(&emb),
             ts_ms: text(h.remove("ts"))
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(0),
@@ -373,7 +373,7 @@ pub fn decode_member(user_id: &str, m: &[u8]) -> Option<HistoryEntry> {
         item_id: item_id.to_string(),
         action,
         ts_ms,
-        embedding: crate::event::f32s_from_le_bytes(&rest[8..]).into(),
+        embedding: crate::event::f32s_from_le_bytes(&rest[8..]),
     })
 }
 
