@@ -138,10 +138,11 @@ impl Models {
                     fidelity_floor: cfg.generator_fidelity_floor,
                     floor_max_share: cfg.generator_floor_max_share,
                 };
-                // Every scale was checked with the config; what remains is the encoder match.
+                // Every scale was checked with the config; what remains is whether the encoder
+                // is the generator's own (its resolution), whichever guidance is on.
                 let generator = generator
                     .with_encoder_guidance(emoji.clone(), scales)
-                    .map_err(|e| invalid("models.generator_identity_guidance", e.to_string()))?;
+                    .map_err(|e| invalid("models.generator_dir", e.to_string()))?;
                 let generator = match &cfg.generator_guard_dir {
                     Some(dir) => EmojiEncoder::load(dir, None)
                         .and_then(|g| generator.with_fidelity_guard(Arc::new(g)))
