@@ -29,7 +29,9 @@ use lancedb::expr::{col, lit};
 use lancedb::index::scalar::BTreeIndexBuilder;
 use lancedb::index::Index;
 use lancedb::query::{ColumnOrdering, ExecutableQuery, QueryBase, Select};
-use lancedb::table::{CompactionOptions, NaNVectorBehavior, OptimizeAction, OptimizeOptions};
+use lancedb::table::{
+    CompactionMode, CompactionOptions, NaNVectorBehavior, OptimizeAction, OptimizeOptions,
+};
 use lancedb::{Connection, DistanceType, Table};
 
 use crate::event::Action;
@@ -539,7 +541,7 @@ impl LanceStore {
             }
             let stats = table
                 .optimize(OptimizeAction::Compact {
-                    options: CompactionOptions::default(),
+                    options: compaction_options(),
                     remap_options: None,
                 })
                 .await?;
@@ -805,6 +807,16 @@ async fn check_dim(table: &Table, dim: usize) -> Result<(), LanceError> {
         });
     }
     Ok(())
+}
+
+/// Compaction copies the small fragments' encoded pages into the new files as they are, where
+/// Lance can (same file version and schema, no deletions: the append-only interactions), instead
+/// of decoding and re-encoding every row; otherwise it re-encodes.
+fn compaction_options() -> CompactionOptions {
+    CompactionOptions {
+        compaction_mode: Some(CompactionMode::TryBinaryCopy),
+        ..CompactionOptions::default()
+    }
 }
 
 async fn ensure_btree_indices(table: &Table, columns: &[&str]) -> Result<(), LanceError> {
