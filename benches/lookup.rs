@@ -171,10 +171,12 @@ fn main() {
             time_lookup(&store, &mut rows).await,
         );
 
+        let before = store.fragment_count().await.unwrap();
         let ((), secs) = timed(async { store.optimize().await.unwrap() }).await;
         println!(
-            "optimize (compaction, merging the segments) over {} rows: {secs:.2} s",
-            rows.next
+            "optimize (merging the segments, compaction) over {} rows: {secs:.2} s, fragments {before} -> {}",
+            rows.next,
+            store.fragment_count().await.unwrap()
         );
         row(
             "after optimize (1 segment)",

@@ -51,7 +51,8 @@ pub mod names {
     pub const LANCE_WRITE_ERRORS: &str = "ragar_lance_write_errors_total";
     /// Data fragments of the interactions table.
     pub const LANCE_FRAGMENTS: &str = "ragar_lance_fragments";
-    /// Interaction rows no `event_id` index segment covers yet: what each stored-id lookup scans.
+    /// Interaction rows no `event_id` index segment covers, as left by the last maintenance pass
+    /// (indexing or compaction): near 0 while indexing keeps up, growing when it fails.
     pub const LANCE_UNINDEXED_ROWS: &str = "ragar_lance_unindexed_rows";
     /// Outputs published, and replays skipped because the output was already published.
     pub const OUTPUTS: &str = "ragar_outputs_total";
@@ -141,7 +142,7 @@ fn describe() {
     );
     describe_gauge!(
         names::LANCE_UNINDEXED_ROWS,
-        "Interaction rows not yet covered by the event_id index (scanned by each stored-id lookup)"
+        "Interaction rows not covered by the event_id index after the last maintenance pass"
     );
     describe_counter!(
         names::OUTPUTS,

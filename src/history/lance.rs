@@ -53,8 +53,6 @@ const INTERACTION_INDEXED: &[&str] = &["user_id", "event_id"];
 /// Event ids per lookup query of [`LanceStore::insert_interactions`] (one `IN` list each).
 const EVENT_ID_LOOKUP_CHUNK: usize = 16_384;
 const ITEM_INDEXED: &[&str] = &["item_id"];
-/// lancedb names an index on column `c` `c_idx`.
-const INDEX_SUFFIX: &str = "_idx";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LanceError {
@@ -529,9 +527,9 @@ impl LanceStore {
             .await?)
     }
 
-    /// Background maintenance: compacts both tables, prunes versions older than 7 days, merges
-    /// each index's segments (the one built at creation and those [`Self::index_new_rows`] added)
-    /// into one that covers the new rows too, then creates the BTree scalar indices on
+    /// Background maintenance: merges each index's segments (the one built at creation and those
+    /// [`Self::index_new_rows`] added) into one that covers the new rows too, compacts both
+    /// tables, prunes versions older than 7 days, then creates the BTree scalar indices on
     /// interactions.user_id, interactions.event_id and items.item_id where missing.
     pub async fn optimize(&self) -> Result<(), LanceError> {
         for (table, indexed) in self.indexed_tables() {
@@ -539,6 +537,12 @@ impl LanceStore {
             if table.count_rows(None).await? == 0 {
                 continue;
             }
+            // Every segment, not lancedb's default of the newest one: segments would pile up, and
+            // a lookup searches each. Merged before compacting, because Lance only compacts
+            // fragments together that the same index segments cover.
+            table
+                .optimize(OptimizeAction::Index(OptimizeOptions::merge(usize::MAX)))
+                .await?;
             let stats = table
                 .optimize(OptimizeAction::Compact {
                     options: compaction_options(),
@@ -559,11 +563,6 @@ impl LanceStore {
                     delete_unverified: None,
                     error_if_tagged_old_versions: None,
                 })
-                .await?;
-            // Every segment, not lancedb's default of the newest one: segments added between
-            // compactions would otherwise pile up, and a lookup searches each of them.
-            table
-                .optimize(OptimizeAction::Index(OptimizeOptions::merge(usize::MAX)))
                 .await?;
             // Created after compaction so that a new index is built over the compacted fragments
             // instead of being remapped by it.
@@ -590,10 +589,21 @@ impl LanceStore {
     }
 
     /// Rows of the interactions table that no `event_id` index segment covers yet (all of them
-    /// before the index exists): what each stored-id lookup scans.
+    /// before the index exists): what a stored-id lookup scans at this moment.
     pub async fn unindexed_rows(&self) -> Result<usize, LanceError> {
-        let name = format!("event_id{INDEX_SUFFIX}");
-        match self.interactions.index_stats(&name).await? {
+        // By column: any index on it serves the lookup (see `ensure_btree_indices`).
+        let name = self
+            .interactions
+            .list_indices()
+            .await?
+            .into_iter()
+            .find(|ix| ix.columns.iter().any(|c| c == "event_id"))
+            .map(|ix| ix.name);
+        let stats = match name {
+            Some(name) => self.interactions.index_stats(&name).await?,
+            None => None,
+        };
+        match stats {
             Some(stats) => Ok(stats.num_unindexed_rows),
             None => Ok(self.interactions.count_rows(None).await?),
         }
@@ -1071,12 +1081,17 @@ mod tests {
 
     /// The `event_id` index's (indexed rows, unindexed rows, segments).
     async fn event_id_index(store: &LanceStore) -> (usize, usize, Option<u32>) {
+        let indices = store.interactions.list_indices().await.unwrap();
+        let index = indices
+            .iter()
+            .find(|ix| ix.columns == ["event_id"])
+            .expect("the event_id index exists");
         let stats = store
             .interactions
-            .index_stats(format!("event_id{INDEX_SUFFIX}"))
+            .index_stats(&index.name)
             .await
             .unwrap()
-            .expect("the event_id index exists");
+            .unwrap();
         (
             stats.num_indexed_rows,
             stats.num_unindexed_rows,
@@ -1116,10 +1131,13 @@ mod tests {
         let fresh = store.fresh_interactions(&replay, &[]).await.unwrap();
         assert_eq!(fresh, [7]);
 
-        // Compaction merges the segments into one that covers every row.
+        // Compaction merges the segments into one that covers every row, and the fragments of
+        // every round (and the unindexed one) into one.
         store.insert_interactions(&[later(4)]).await.unwrap();
+        assert_eq!(store.fragment_count().await.unwrap(), 4);
         store.optimize().await.unwrap();
         assert_eq!(event_id_index(&store).await, (9, 0, Some(1)));
+        assert_eq!(store.fragment_count().await.unwrap(), 1);
         assert!(store
             .fresh_interactions(&replay, &[])
             .await

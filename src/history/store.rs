@@ -340,26 +340,29 @@ impl History {
         let compacted = self.lance.optimize().await;
         metrics::histogram!(names::STAGE_SECONDS, "stage" => "compact")
             .record(started.elapsed().as_secs_f64());
-        let fragments = self.lance.fragment_count().await?;
-        metrics::gauge!(names::LANCE_FRAGMENTS).set(fragments as f64);
-        self.report_unindexed().await?;
+        match self.lance.fragment_count().await {
+            Ok(n) => metrics::gauge!(names::LANCE_FRAGMENTS).set(n as f64),
+            Err(e) => tracing::warn!(error = %e, "counting LanceDB fragments failed"),
+        }
+        self.report_unindexed().await;
         compacted
     }
 
     /// Indexes the rows written since the last maintenance (a segment of their own), and
-    /// refreshes the unindexed-rows gauge (also when indexing failed, so that it shows).
+    /// refreshes the unindexed-rows gauge (also when indexing failed, so that the backlog shows).
     pub async fn index_new_rows(&self) -> Result<(), LanceError> {
         let started = Instant::now();
         let indexed = self.lance.index_new_rows().await;
         metrics::histogram!(names::STAGE_SECONDS, "stage" => "index")
             .record(started.elapsed().as_secs_f64());
-        self.report_unindexed().await?;
+        self.report_unindexed().await;
         indexed
     }
 
-    async fn report_unindexed(&self) -> Result<(), LanceError> {
-        let rows = self.lance.unindexed_rows().await?;
-        metrics::gauge!(names::LANCE_UNINDEXED_ROWS).set(rows as f64);
-        Ok(())
+    async fn report_unindexed(&self) {
+        match self.lance.unindexed_rows().await {
+            Ok(rows) => metrics::gauge!(names::LANCE_UNINDEXED_ROWS).set(rows as f64),
+            Err(e) => tracing::warn!(error = %e, "counting unindexed LanceDB rows failed"),
+        }
     }
 }
