@@ -399,18 +399,22 @@ async fn maintain(
     }
     let (mut compact, mut index) = (ticker(compact_every), ticker(index_every));
     loop {
-        tokio::select! {
+        // A pass still running at shutdown is dropped rather than awaited (a compaction of a
+        // minute's rows takes seconds): Lance commits a pass at its end, so a dropped one changes
+        // nothing, and the files it had written are pruned once they are old enough.
+        let (what, result) = tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tick(&mut compact) => {
-                if let Err(e) = history.maintain().await {
-                    tracing::warn!(error = %e, "LanceDB maintenance failed");
-                }
-            }
-            _ = tick(&mut index) => {
-                if let Err(e) = history.index_new_rows().await {
-                    tracing::warn!(error = %e, "indexing new LanceDB rows failed");
-                }
-            }
+            _ = tick(&mut compact) => tokio::select! {
+                _ = stop.cancelled() => return,
+                r = history.maintain() => ("LanceDB maintenance failed", r),
+            },
+            _ = tick(&mut index) => tokio::select! {
+                _ = stop.cancelled() => return,
+                r = history.index_new_rows() => ("indexing new LanceDB rows failed", r),
+            },
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "{what}");
         }
     }
 }
