@@ -375,16 +375,21 @@ pub async fn run(
 }
 
 /// Background LanceDB upkeep: the rows written since into the indices every `index_every`,
-/// compaction (merging the index segments) every `compact_every`; a zero period turns that part off.
+/// compaction (merging the index segments) every `compact_every`, each first after one to two
+/// periods; a zero period turns that part off.
 async fn maintain(
     history: Arc<History>,
     compact_every: std::time::Duration,
     index_every: std::time::Duration,
     stop: CancellationToken,
 ) {
+    // Each worker runs these passes on the shared tables; a random phase keeps workers started
+    // together from committing at the same moments (concurrent index commits conflict, and the
+    // loser waits for its next tick).
     let ticker = |every: std::time::Duration| {
         (!every.is_zero()).then(|| {
-            let mut t = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            let first = every + every.mul_f64(rand::random::<f64>());
+            let mut t = tokio::time::interval_at(tokio::time::Instant::now() + first, every);
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             t
         })
