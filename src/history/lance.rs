@@ -27,7 +27,7 @@ use arrow_schema::{ArrowError, DataType, Field, FieldRef, Schema, SchemaRef};
 use futures::TryStreamExt;
 use lancedb::expr::{col, lit};
 use lancedb::index::scalar::BTreeIndexBuilder;
-use lancedb::index::Index;
+use lancedb::index::{Index, IndexConfig};
 use lancedb::query::{ColumnOrdering, ExecutableQuery, QueryBase, Select};
 use lancedb::table::{
     CompactionMode, CompactionOptions, NaNVectorBehavior, OptimizeAction, OptimizeOptions,
@@ -591,16 +591,9 @@ impl LanceStore {
     /// Rows of the interactions table that no `event_id` index segment covers yet (all of them
     /// before the index exists): what a stored-id lookup scans at this moment.
     pub async fn unindexed_rows(&self) -> Result<usize, LanceError> {
-        // By column: any index on it serves the lookup (see `ensure_btree_indices`).
-        let name = self
-            .interactions
-            .list_indices()
-            .await?
-            .into_iter()
-            .find(|ix| ix.columns.iter().any(|c| c == "event_id"))
-            .map(|ix| ix.name);
-        let stats = match name {
-            Some(name) => self.interactions.index_stats(&name).await?,
+        let indices = self.interactions.list_indices().await?;
+        let stats = match index_on(&indices, "event_id") {
+            Some(ix) => self.interactions.index_stats(&ix.name).await?,
             None => None,
         };
         match stats {
@@ -829,14 +822,18 @@ fn compaction_options() -> CompactionOptions {
     }
 }
 
+/// The index on `column`, whatever its kind or name: any index on it serves the filters.
+fn index_on<'a>(indices: &'a [IndexConfig], column: &str) -> Option<&'a IndexConfig> {
+    indices
+        .iter()
+        .find(|ix| ix.columns.iter().any(|c| c == column))
+}
+
 async fn ensure_btree_indices(table: &Table, columns: &[&str]) -> Result<(), LanceError> {
     let existing = table.list_indices().await?;
     for column in columns {
-        // Any index on the column serves the filters; don't stack a BTree on top of another kind.
-        let present = existing
-            .iter()
-            .any(|ix| ix.columns.iter().any(|c| c.as_str() == *column));
-        if present {
+        // Don't stack a BTree on top of another kind of index.
+        if index_on(&existing, column).is_some() {
             continue;
         }
         table
@@ -1082,10 +1079,7 @@ mod tests {
     /// The `event_id` index's (indexed rows, unindexed rows, segments).
     async fn event_id_index(store: &LanceStore) -> (usize, usize, Option<u32>) {
         let indices = store.interactions.list_indices().await.unwrap();
-        let index = indices
-            .iter()
-            .find(|ix| ix.columns == ["event_id"])
-            .expect("the event_id index exists");
+        let index = index_on(&indices, "event_id").expect("the event_id index exists");
         let stats = store
             .interactions
             .index_stats(&index.name)
