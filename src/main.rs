@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use ragar::train::generator::RankPreference;
 
 /// mimalloc keeps freed memory for reuse: with the system allocator, each model step's large
 /// tensors were fresh mappings, and the generator spent 40% of its time in page faults.
@@ -415,6 +416,11 @@ struct GeneratorArgs {
     /// Weight of (1 − content cosine to the reference) in the fine-tuning loss.
     #[arg(long, default_value_t = 0.5)]
     fidelity_weight: f64,
+    /// The preference the ranker term scores samples against: `reference` (the reference's
+    /// content in the condition's style) or `history` (the mean embedding of the drawings the
+    /// condition came from).
+    #[arg(long, value_enum, default_value_t = RankPreference::Reference)]
+    rank_preference: RankPreference,
     #[arg(long)]
     quiet: bool,
 }
@@ -676,6 +682,7 @@ fn main() -> anyhow::Result<()> {
                     ranker_dir: a.ranker_dir,
                     rank_weight: a.rank_weight,
                     fidelity_weight: a.fidelity_weight,
+                    preference: a.rank_preference,
                 }),
             })?;
             if let Some(last) = curves.last() {

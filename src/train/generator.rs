@@ -94,6 +94,29 @@ pub struct FineTune {
     pub ranker_dir: PathBuf,
     pub rank_weight: f64,
     pub fidelity_weight: f64,
+    /// The preference the ranker term scores the samples against.
+    pub preference: RankPreference,
+}
+
+/// The preference `p` of the fine-tuning's ranker term.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RankPreference {
+    /// `normalize([cw · content(reference), sw · style])`: the reference's subject in the
+    /// condition's style.
+    Reference,
+    /// The normalized mean image embedding of the drawings the style condition was taken from:
+    /// a history of the user's vendor, as serving weighs one.
+    History,
+}
+
+impl RankPreference {
+    /// Its command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            RankPreference::Reference => "reference",
+            RankPreference::History => "history",
+        }
+    }
 }
 
 /// One line of the generator's `curves.csv`.
@@ -161,6 +184,19 @@ fn identities(encoder: &EmojiEncoder, d: &Drawings, nv: usize) -> candle_core::R
     l2_normalize(&content.reshape((d.n, nv, CONTENT_DIM))?.mean(1)?)
 }
 
+/// Each image's embedding (the encoder's, image only), in chunks.
+fn image_embeddings(encoder: &EmojiEncoder, images: &Tensor) -> anyhow::Result<Vec<Vec<f32>>> {
+    let mut out = Vec::with_capacity(images.dim(0)?);
+    for start in (0..images.dim(0)?).step_by(256) {
+        let len = 256.min(images.dim(0)? - start);
+        let (emb, _) = encoder
+            .net()
+            .image_embedding(&images.narrow(0, start, len)?)?;
+        out.extend(emb.to_vec2::<f32>()?);
+    }
+    Ok(out)
+}
+
 /// `[b, 384]`: the encoder's normalized content of a batch of images (differentiable).
 fn content_of(encoder: &EmojiEncoder, images: &Tensor) -> candle_core::Result<Tensor> {
     l2_normalize(&encoder.net().forward(images)?.content)
@@ -182,14 +218,17 @@ struct RankTerms<'a> {
     ranker: RankerNet,
     rank_weight: f64,
     fidelity_weight: f64,
+    preference: RankPreference,
 }
 
 impl RankTerms<'_> {
+    /// `history`: the preference rows of [`RankPreference::History`] (unused otherwise).
     fn loss(
         &self,
         net: &StyleNet,
         reference: &Tensor,
         style: &Tensor,
+        history: Option<Tensor>,
         noise: Tensor,
         steps: usize,
     ) -> anyhow::Result<Tensor> {
@@ -199,13 +238,17 @@ impl RankTerms<'_> {
         let (emb, content) = enc.image_embedding(&sample)?;
         let (_, ref_content) = enc.image_embedding(reference)?;
         let ref_content = ref_content.detach();
-        let p = l2_normalize(&Tensor::cat(
-            &[
-                (&ref_content * ecfg.content_weight as f64)?,
-                (style * ecfg.style_weight as f64)?,
-            ],
-            1,
-        )?)?;
+        let p = match (self.preference, history) {
+            (RankPreference::History, Some(p)) => p,
+            (RankPreference::History, None) => bail!("the history preference needs its rows"),
+            (RankPreference::Reference, _) => l2_normalize(&Tensor::cat(
+                &[
+                    (&ref_content * ecfg.content_weight as f64)?,
+                    (style * ecfg.style_weight as f64)?,
+                ],
+                1,
+            )?)?,
+        };
         let s = self.ranker.personalization(&p, &emb)?;
         // softplus(−s), stably.
         let rank = (s.neg()?.relu()? + (s.abs()?.neg()?.exp()? + 1.0)?.log()?)?.mean_all()?;
@@ -248,6 +291,13 @@ pub fn train_generator(opts: &GeneratorTraining) -> anyhow::Result<Vec<Generator
         true => Some(identities(&encoder, &train, nv)?),
         false => None,
     };
+    // The history preference's rows: each train drawing's image embedding.
+    let train_embeddings = match &opts.finetune {
+        Some(ft) if ft.preference == RankPreference::History => {
+            Some(image_embeddings(&encoder, &train.images)?)
+        }
+        _ => None,
+    };
     // Each vendor's prototype: the normalized mean style of its train drawings.
     let prototypes: Vec<Vec<f32>> = (0..nv)
         .map(|v| normalized_sum((0..train.n).map(|e| &train.styles[e * nv + v]), sd))
@@ -284,6 +334,7 @@ pub fn train_generator(opts: &GeneratorTraining) -> anyhow::Result<Vec<Generator
                     ranker,
                     rank_weight: ft.rank_weight,
                     fidelity_weight: ft.fidelity_weight,
+                    preference: ft.preference,
                 }),
             )
         }
@@ -299,8 +350,9 @@ pub fn train_generator(opts: &GeneratorTraining) -> anyhow::Result<Vec<Generator
             opts.encoder_dir.display(), manifest.seed
         ),
         Some(ft) => format!(
-            "ragar train generator --finetune-from {} --ranker-dir {} --rank-weight {} --fidelity-weight {} --steps {} --epochs {} --batch {} --lr {} --ema-decay {} --content-weight {} --seed {}{} (encoder {}; data: emojistyle split seed {})",
+            "ragar train generator --finetune-from {} --ranker-dir {} --rank-weight {} --fidelity-weight {} --rank-preference {} --steps {} --epochs {} --batch {} --lr {} --ema-decay {} --content-weight {} --seed {}{} (encoder {}; data: emojistyle split seed {})",
             ft.from.display(), ft.ranker_dir.display(), ft.rank_weight, ft.fidelity_weight,
+            ft.preference.name(),
             opts.steps, opts.epochs, opts.batch, opts.lr, opts.ema_decay, opts.content_weight, opts.seed,
             opts.limit.map_or(String::new(), |n| format!(" --limit {n}")),
             opts.encoder_dir.display(), manifest.seed
@@ -354,6 +406,7 @@ pub fn train_generator(opts: &GeneratorTraining) -> anyhow::Result<Vec<Generator
             let mut scale_x = Vec::with_capacity(n);
             let mut scale_e = Vec::with_capacity(n);
             let mut times = Vec::with_capacity(n);
+            let mut history = Vec::new();
             for &(e, b) in chunk {
                 let a = rng.random_range(0..nv as u32);
                 ref_rows.push(e * nv as u32 + a);
@@ -376,6 +429,12 @@ pub fn train_generator(opts: &GeneratorTraining) -> anyhow::Result<Vec<Generator
                     others.iter().map(|&row| &train.styles[row]),
                     sd,
                 ));
+                if let Some(embeddings) = &train_embeddings {
+                    history.extend(normalized_sum(
+                        others.iter().map(|&row| &embeddings[row]),
+                        ecfg.dim(),
+                    ));
+                }
                 // Half the examples at t = 1, where sampling starts from pure noise and the
                 // prediction is the model's deterministic estimate; the rest uniform.
                 let t: f64 = if rng.random::<bool>() {
@@ -420,7 +479,12 @@ pub fn train_generator(opts: &GeneratorTraining) -> anyhow::Result<Vec<Generator
                     (n, 3, r, r),
                     &device,
                 )?;
-                loss = (loss + terms.loss(&net, &reference, &style, noise, config.steps)?)?;
+                let history = match history.is_empty() {
+                    true => None,
+                    false => Some(Tensor::from_vec(history, (n, ecfg.dim()), &device)?),
+                };
+                let terms = terms.loss(&net, &reference, &style, history, noise, config.steps)?;
+                loss = (loss + terms)?;
             }
             opt.backward_step(&loss)?;
             if let Some(ema) = &mut ema {
@@ -654,29 +718,35 @@ mod tests {
             serde_json::to_vec(&rcfg).unwrap(),
         )
         .unwrap();
-        let tuned = dir.path().join("tuned");
-        let ft = GeneratorTraining {
-            out: tuned.clone(),
-            epochs: 1,
-            resume: false,
-            finetune: Some(FineTune {
-                from: out.clone(),
-                ranker_dir,
-                rank_weight: 0.1,
-                fidelity_weight: 0.1,
-            }),
-            ..opts
-        };
-        let curves = train_generator(&ft).unwrap();
-        assert!(curves[0].train_loss.is_finite());
-        let cfg: GeneratorConfig =
-            serde_json::from_slice(&std::fs::read(tuned.join("config.json")).unwrap()).unwrap();
-        assert!(
-            cfg.provenance.contains("--finetune-from")
-                && cfg.provenance.contains("--content-weight 0.1"),
-            "{}",
-            cfg.provenance
-        );
-        crate::model::diffusion::StyleDiffusion::load(&tuned, None).unwrap();
+        for preference in [RankPreference::Reference, RankPreference::History] {
+            let tuned = dir.path().join(preference.name());
+            let ft = GeneratorTraining {
+                out: tuned.clone(),
+                epochs: 1,
+                resume: false,
+                finetune: Some(FineTune {
+                    from: out.clone(),
+                    ranker_dir: ranker_dir.clone(),
+                    rank_weight: 0.1,
+                    fidelity_weight: 0.1,
+                    preference,
+                }),
+                ..opts.clone()
+            };
+            let curves = train_generator(&ft).unwrap();
+            assert!(curves[0].train_loss.is_finite());
+            let cfg: GeneratorConfig =
+                serde_json::from_slice(&std::fs::read(tuned.join("config.json")).unwrap()).unwrap();
+            assert!(
+                cfg.provenance.contains("--finetune-from")
+                    && cfg.provenance.contains("--content-weight 0.1")
+                    && cfg
+                        .provenance
+                        .contains(&format!("--rank-preference {}", preference.name())),
+                "{}",
+                cfg.provenance
+            );
+            crate::model::diffusion::StyleDiffusion::load(&tuned, None).unwrap();
+        }
     }
 }
