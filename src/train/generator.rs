@@ -110,12 +110,11 @@ pub enum RankPreference {
 }
 
 impl RankPreference {
-    /// Its command-line name.
-    pub fn name(self) -> &'static str {
-        match self {
-            RankPreference::Reference => "reference",
-            RankPreference::History => "history",
-        }
+    /// Its command-line name (clap's).
+    pub fn name(self) -> String {
+        use clap::ValueEnum;
+        self.to_possible_value()
+            .map_or_else(String::new, |v| v.get_name().to_string())
     }
 }
 
@@ -186,9 +185,10 @@ fn identities(encoder: &EmojiEncoder, d: &Drawings, nv: usize) -> candle_core::R
 
 /// Each image's embedding (the encoder's, image only), in chunks.
 fn image_embeddings(encoder: &EmojiEncoder, images: &Tensor) -> anyhow::Result<Vec<Vec<f32>>> {
-    let mut out = Vec::with_capacity(images.dim(0)?);
-    for start in (0..images.dim(0)?).step_by(256) {
-        let len = 256.min(images.dim(0)? - start);
+    let n = images.dim(0)?;
+    let mut out = Vec::with_capacity(n);
+    for start in (0..n).step_by(256) {
+        let len = 256.min(n - start);
         let (emb, _) = encoder
             .net()
             .image_embedding(&images.narrow(0, start, len)?)?;
@@ -218,11 +218,11 @@ struct RankTerms<'a> {
     ranker: RankerNet,
     rank_weight: f64,
     fidelity_weight: f64,
-    preference: RankPreference,
 }
 
 impl RankTerms<'_> {
-    /// `history`: the preference rows of [`RankPreference::History`] (unused otherwise).
+    /// `history`: the preference rows of [`RankPreference::History`]; without them the
+    /// preference is [`RankPreference::Reference`]'s.
     fn loss(
         &self,
         net: &StyleNet,
@@ -238,10 +238,9 @@ impl RankTerms<'_> {
         let (emb, content) = enc.image_embedding(&sample)?;
         let (_, ref_content) = enc.image_embedding(reference)?;
         let ref_content = ref_content.detach();
-        let p = match (self.preference, history) {
-            (RankPreference::History, Some(p)) => p,
-            (RankPreference::History, None) => bail!("the history preference needs its rows"),
-            (RankPreference::Reference, _) => l2_normalize(&Tensor::cat(
+        let p = match history {
+            Some(p) => p,
+            None => l2_normalize(&Tensor::cat(
                 &[
                     (&ref_content * ecfg.content_weight as f64)?,
                     (style * ecfg.style_weight as f64)?,
@@ -334,7 +333,6 @@ pub fn train_generator(opts: &GeneratorTraining) -> anyhow::Result<Vec<Generator
                     ranker,
                     rank_weight: ft.rank_weight,
                     fidelity_weight: ft.fidelity_weight,
-                    preference: ft.preference,
                 }),
             )
         }
@@ -479,9 +477,9 @@ pub fn train_generator(opts: &GeneratorTraining) -> anyhow::Result<Vec<Generator
                     (n, 3, r, r),
                     &device,
                 )?;
-                let history = match history.is_empty() {
-                    true => None,
-                    false => Some(Tensor::from_vec(history, (n, ecfg.dim()), &device)?),
+                let history = match train_embeddings {
+                    Some(_) => Some(Tensor::from_vec(history, (n, ecfg.dim()), &device)?),
+                    None => None,
                 };
                 let terms = terms.loss(&net, &reference, &style, history, noise, config.steps)?;
                 loss = (loss + terms)?;
