@@ -368,6 +368,11 @@ pub struct ModelsConfig {
     /// An encoder bundle that judges the fidelity floor in place of the `emoji` encoder, which
     /// the guidance climbs (unset: the `emoji` encoder judges); needs a fidelity floor.
     pub generator_guard_dir: Option<PathBuf>,
+    /// The agreement ramp of the `diffusion` generator, both or neither set, `0 <= low < high
+    /// <= 1`: each image keeps a share of its restyle that grows from 0 at a style agreement of
+    /// `low` (of the history behind its preference) to all of it at `high`.
+    pub generator_agreement_low: Option<f32>,
+    pub generator_agreement_high: Option<f32>,
     /// The `sd` generator's model: a Stable Diffusion directory in the diffusers layout
     /// (`unet/`, `vae/`, `text_encoder/`, `tokenizer/tokenizer.json`, `scheduler/`).
     pub sd_dir: PathBuf,
@@ -388,6 +393,28 @@ pub struct ModelsConfig {
     pub personalization_weight: f32,
 }
 
+impl ModelsConfig {
+    /// The `diffusion` generator's agreement ramp, `None` when it is off.
+    pub fn agreement_ramp(
+        &self,
+    ) -> Result<Option<crate::model::diffusion::AgreementRamp>, ConfigError> {
+        let (low, high) = (
+            "models.generator_agreement_low",
+            "models.generator_agreement_high",
+        );
+        match (self.generator_agreement_low, self.generator_agreement_high) {
+            (None, None) => Ok(None),
+            (Some(_), None) => Err(invalid(high, "set it too, or unset both")),
+            (None, Some(_)) => Err(invalid(low, "set it too, or unset both")),
+            (Some(l), Some(h)) => {
+                let ramp = crate::model::diffusion::AgreementRamp { low: l, high: h };
+                ramp.check().map_err(|e| invalid(low, e))?;
+                Ok(Some(ramp))
+            }
+        }
+    }
+}
+
 impl Default for ModelsConfig {
     fn default() -> Self {
         ModelsConfig {
@@ -405,6 +432,8 @@ impl Default for ModelsConfig {
             generator_fidelity_floor: 0.0,
             generator_floor_max_share: 1.0,
             generator_guard_dir: None,
+            generator_agreement_low: None,
+            generator_agreement_high: None,
             sd_dir: PathBuf::from("models/stable-diffusion"),
             sd_steps: 20,
             sd_strength: 0.6,
@@ -767,6 +796,7 @@ impl Config {
                 "the guard judges the fidelity floor: set models.generator_fidelity_floor above 0",
             ));
         }
+        m.agreement_ramp()?;
         if !(m.sd_strength > 0.0 && m.sd_strength <= 1.0) {
             return Err(invalid(
                 "models.sd_strength",
@@ -1034,6 +1064,36 @@ mod tests {
         assert_eq!(
             err_key("[models]\ngenerator_guard_dir = \"models/guard\"\n", &[]),
             "models.generator_guard_dir"
+        );
+        assert_eq!(
+            err_key("[models]\ngenerator_agreement_low = 0.6\n", &[]),
+            "models.generator_agreement_high"
+        );
+        assert_eq!(
+            err_key("", &[("RAGAR_MODELS__GENERATOR_AGREEMENT_HIGH", "0.8")]),
+            "models.generator_agreement_low"
+        );
+        assert_eq!(
+            err_key(
+                "[models]\ngenerator_agreement_low = 0.8\ngenerator_agreement_high = 0.6\n",
+                &[]
+            ),
+            "models.generator_agreement_low"
+        );
+        let ramp = load(
+            "[models]\ngenerator_agreement_low = 0.6\ngenerator_agreement_high = 0.8\n",
+            &[],
+        )
+        .unwrap()
+        .models
+        .agreement_ramp()
+        .unwrap();
+        assert_eq!(
+            ramp,
+            Some(crate::model::diffusion::AgreementRamp {
+                low: 0.6,
+                high: 0.8
+            })
         );
         assert_eq!(
             err_key("[models]\nsd_steps = 800\nsd_strength = 0.5\n", &[]),

@@ -598,10 +598,12 @@ pub fn generation_rows(
             let h = hist.get(d.user_id.as_str()).unwrap_or(&empty);
             let reference = &items[&d.item_id];
             let weighted = preference::weigh(reference, h, d.ts_ms, &spec.params);
+            let (pref, agreement) = preference::preference(h, &weighted, dim).unzip();
             let request = GenerationRequest {
                 reference: references[i].clone(),
                 reference_embedding: reference.clone(),
-                preference: preference::preference_vector(h, &weighted, dim).map(Arc::from),
+                preference: pref.map(Arc::from),
+                preference_agreement: agreement,
                 seeds: (0..spec.candidates.max(1) as u64)
                     .map(|i| d.seed.wrapping_add(i))
                     .collect(),
@@ -679,14 +681,41 @@ pub struct Sampling {
     pub encoder: crate::model::diffusion::EncoderScales,
     /// Whether the fidelity guard (`ragar eval --fidelity-guard`) judges the floor.
     pub guard: bool,
+    /// The agreement ramp (`ragar eval --agreement-ramp LOW:HIGH`), `None`: off.
+    pub agreement: Option<crate::model::diffusion::AgreementRamp>,
+}
+
+/// `LOW:HIGH` as an agreement ramp (checked), or `off`.
+pub fn parse_agreement_ramp(
+    text: &str,
+) -> anyhow::Result<Option<crate::model::diffusion::AgreementRamp>> {
+    let text = text.trim();
+    if text == "off" {
+        return Ok(None);
+    }
+    let (low, high) = text
+        .split_once(':')
+        .with_context(|| format!("agreement ramp {text:?} is not LOW:HIGH or off"))?;
+    let number = |v: &str| {
+        v.trim()
+            .parse::<f32>()
+            .with_context(|| format!("agreement ramp {text:?}: {v:?} is not a number"))
+    };
+    let ramp = crate::model::diffusion::AgreementRamp {
+        low: number(low)?,
+        high: number(high)?,
+    };
+    ramp.check().map_err(anyhow::Error::msg)?;
+    Ok(Some(ramp))
 }
 
 impl Sampling {
     /// These settings with those a scan spec names changed: comma-separated `key=value` with the
     /// keys `g` (style guidance), `id` (identity guidance), `st` (encoder style guidance), `x`
-    /// (climbs per step), `floor` (fidelity floor), `share` (the floor's largest share) and `guard`
-    /// (1: the fidelity guard judges the floor, 0: the guided encoder), e.g.
-    /// `g=0.5,id=60,st=40,x=2,floor=0.7,share=1.5,guard=1`.
+    /// (climbs per step), `floor` (fidelity floor), `share` (the floor's largest share), `guard`
+    /// (1: the fidelity guard judges the floor, 0: the guided encoder) and `agree` (the
+    /// agreement ramp, `LOW:HIGH` or `off`), e.g.
+    /// `g=0.5,id=60,st=40,x=2,floor=0.7,share=1.5,guard=1,agree=0.6:0.8`.
     pub fn with(self, spec: &str) -> anyhow::Result<Sampling> {
         let mut s = self;
         for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -704,6 +733,10 @@ impl Sampling {
                 "st" => s.encoder.style = number("st")?,
                 "floor" => s.encoder.fidelity_floor = number("floor")?,
                 "share" => s.encoder.floor_max_share = number("share")?,
+                "agree" => {
+                    s.agreement = parse_agreement_ramp(value)
+                        .map_err(|e| anyhow::anyhow!("scan spec {spec:?}: {e}"))?
+                }
                 "guard" => {
                     s.guard = match value.trim() {
                         "1" => true,
@@ -717,7 +750,7 @@ impl Sampling {
                     })?
                 }
                 other => anyhow::bail!(
-                    "scan spec {spec:?}: unknown key {other:?} (keys: g, id, st, x, floor, share, guard)"
+                    "scan spec {spec:?}: unknown key {other:?} (keys: g, id, st, x, floor, share, guard, agree)"
                 ),
             }
         }
@@ -1215,11 +1248,20 @@ mod tests {
                 ..Default::default()
             },
             guard: false,
+            agreement: None,
         };
         let s = base
-            .with("g=0.5, st=40,x=2,floor=0.7,share=1.5,guard=1")
+            .with("g=0.5, st=40,x=2,floor=0.7,share=1.5,guard=1,agree=0.6:0.8")
             .unwrap();
         assert!(s.guard);
+        assert_eq!(
+            s.agreement,
+            Some(crate::model::diffusion::AgreementRamp {
+                low: 0.6,
+                high: 0.8
+            })
+        );
+        assert_eq!(s.with("agree=off").unwrap().agreement, None);
         assert_eq!(s.guidance, Some(0.5));
         assert_eq!(
             s.encoder,
@@ -1241,6 +1283,9 @@ mod tests {
             ("x=0", "1..=16"),
             ("share=0.5", "largest share"),
             ("guard=yes", "not 0 or 1"),
+            ("agree=0.6", "LOW:HIGH"),
+            ("agree=0.8:0.6", "low < high"),
+            ("agree=a:1", "not a number"),
         ] {
             let e = base.with(spec).unwrap_err().to_string();
             assert!(e.contains(says) && e.contains(spec), "{spec}: {e}");

@@ -36,6 +36,8 @@ pub struct DisplayJob {
     pub reference_image: Arc<Image>,
     pub reference_embedding: Arc<[f32]>,
     pub preference: Option<Arc<[f32]>>,
+    /// How far the history items behind `preference` agree ([`crate::preference::preference`]).
+    pub preference_agreement: Option<f32>,
     /// The history items that took part, with their weights.
     pub used: Vec<HistoryOut>,
     pub history_len: usize,
@@ -122,6 +124,7 @@ impl GenerateStage {
                 reference: j.reference_image.clone(),
                 reference_embedding: j.reference_embedding.clone(),
                 preference: j.preference.clone(),
+                preference_agreement: j.preference_agreement,
                 seeds: j.seeds.clone(),
                 reference_text: j.reference_text.clone(),
                 prompt_hints: j.prompt_hints.clone(),

@@ -100,10 +100,15 @@ enum Command {
         /// encoder judges.
         #[arg(long)]
         fidelity_guard: Option<PathBuf>,
+        /// The generators' agreement ramp, `LOW:HIGH` (e.g. `0.6:0.8`): each image keeps a share
+        /// of its restyle from 0 at a style agreement of LOW (of the history behind its
+        /// preference) to all of it at HIGH; `off`: none.
+        #[arg(long, default_value = "off")]
+        agreement_ramp: String,
         /// More settings of the generator, each as extra uniform and retrieval rows of the same
         /// run, e.g. `--scan g=0.5,id=60,st=40,x=2,floor=0.7` (keys g, id, st, x, floor, share; what a
         /// spec leaves out comes from the flags above; `guard=0|1` turns the fidelity guard off or
-        /// on); repeat for a scan.
+        /// on, `agree=LOW:HIGH|off` sets the agreement ramp); repeat for a scan.
         #[arg(long = "scan")]
         scans: Vec<String>,
         /// Candidates per display in the best-of-N rows.
@@ -713,6 +718,7 @@ fn main() -> anyhow::Result<()> {
             fidelity_floor,
             floor_max_share,
             fidelity_guard,
+            agreement_ramp,
             scans,
             best_of,
             generation_split,
@@ -769,6 +775,7 @@ fn main() -> anyhow::Result<()> {
                     floor_max_share,
                 },
                 guard: fidelity_guard.is_some(),
+                agreement: ragar::eval::parse_agreement_ramp(&agreement_ramp)?,
             };
             let guard = fidelity_guard
                 .map(|dir| {
@@ -788,7 +795,9 @@ fn main() -> anyhow::Result<()> {
                         Some(scale) => g.with_guidance(scale)?,
                         None => g,
                     };
-                    let g = g.with_encoder_guidance(encoder.clone(), s.encoder)?;
+                    let g = g
+                        .with_encoder_guidance(encoder.clone(), s.encoder)?
+                        .with_agreement_ramp(s.agreement)?;
                     match (s.guard, &guard) {
                         (false, _) => Ok(g),
                         (true, Some(guard)) => Ok(g.with_fidelity_guard(guard.clone())?),

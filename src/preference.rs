@@ -5,7 +5,8 @@
 //! unlike the reference do not dilute the preference; optional action and recency multipliers
 //! follow, and the weights are renormalized. `uniform` mode gives every (non-excluded) item the same
 //! weight: the paper's baseline, kept for the ablation. The preference vector is the weighted sum
-//! of the history embeddings, L2-normalized. Pure functions, no I/O.
+//! of the history embeddings, L2-normalized; its agreement (how far those embeddings point one
+//! way) goes with it to the generator. Pure functions, no I/O.
 
 use serde::{Deserialize, Serialize};
 
@@ -181,21 +182,37 @@ pub fn preference_vector(
     weighted: &[Weighted],
     dim: usize,
 ) -> Option<Vec<f32>> {
+    preference(history, weighted, dim).map(|(p, _)| p)
+}
+
+/// [`preference_vector`] and the *agreement* of the items behind it: the length of their weighted
+/// mean relative to the weighted mean of their lengths, `|Σ wᵢ hᵢ| / Σ wᵢ |hᵢ|`, in [0, 1] — 1 when
+/// they all point one way, smaller as they disagree (the mean resultant length of directional
+/// statistics). Normalizing the sum discards it; a generator can read from it how settled the
+/// preference is.
+pub fn preference(
+    history: &[HistoryEntry],
+    weighted: &[Weighted],
+    dim: usize,
+) -> Option<(Vec<f32>, f32)> {
     if weighted.is_empty() {
         return None;
     }
     let mut p = vec![0.0f32; dim];
+    let mut lengths = 0.0f32;
     for w in weighted {
-        for (acc, x) in p.iter_mut().zip(history[w.index].embedding.iter()) {
+        let e = &history[w.index].embedding;
+        for (acc, x) in p.iter_mut().zip(e.iter()) {
             *acc += w.weight * x;
         }
+        lengths += w.weight * e.iter().map(|x| x * x).sum::<f32>().sqrt();
     }
     let norm = p.iter().map(|x| x * x).sum::<f32>().sqrt();
     if norm == 0.0 || !norm.is_finite() {
         return None;
     }
     p.iter_mut().for_each(|x| *x /= norm);
-    Some(p)
+    Some((p, (norm / lengths).min(1.0)))
 }
 
 #[cfg(test)]
@@ -274,6 +291,35 @@ mod tests {
         assert!(w[0].weight > w[1].weight);
         let p = preference_vector(&h, &w, 2).unwrap();
         assert!(p[0] > 0.99 && p[1] > 0.0 && p[1] < 0.1, "{p:?}");
+    }
+
+    #[test]
+    fn agreement_is_the_weighted_mean_s_length() {
+        let all =
+            |h: &[HistoryEntry]| weigh(&[1.0, 0.0], h, 10, &params(WeightingMode::Uniform, 8));
+        let same = vec![
+            entry(0, &[0.6, 0.8], Action::Click, 1),
+            entry(1, &[0.6, 0.8], Action::Click, 1),
+        ];
+        let (p, a) = preference(&same, &all(&same), 2).unwrap();
+        assert!(
+            (a - 1.0).abs() < 1e-6 && (p[1] - 0.8).abs() < 1e-6,
+            "{p:?} {a}"
+        );
+        // Orthogonal halves: |(e₁ + e₂) / 2| = 1/√2.
+        let apart = vec![
+            entry(0, &[1.0, 0.0], Action::Click, 1),
+            entry(1, &[0.0, 1.0], Action::Click, 1),
+        ];
+        let (_, a) = preference(&apart, &all(&apart), 2).unwrap();
+        assert!((a - std::f32::consts::FRAC_1_SQRT_2).abs() < 1e-6, "{a}");
+        // Relative to the items' own lengths: scaling them changes nothing.
+        let long = vec![
+            entry(0, &[3.0, 0.0], Action::Click, 1),
+            entry(1, &[0.0, 3.0], Action::Click, 1),
+        ];
+        let (_, b) = preference(&long, &all(&long), 2).unwrap();
+        assert!((a - b).abs() < 1e-6, "{a} {b}");
     }
 
     #[test]

@@ -149,6 +149,9 @@ impl Models {
                         .map_err(|e| invalid("models.generator_guard_dir", e.to_string()))?,
                     None => generator,
                 };
+                let generator = generator
+                    .with_agreement_ramp(cfg.agreement_ramp()?)
+                    .map_err(|e| invalid("models.generator_agreement_low", e.to_string()))?;
                 Arc::new(generator)
             }
             "sd" => {
@@ -522,11 +525,16 @@ mod tests {
             generator_fidelity_floor: 0.7,
             generator_identity_guidance: 20.0,
             generator_guard_dir: Some(guard_dir),
+            generator_agreement_low: Some(0.7),
+            generator_agreement_high: Some(0.85),
             ..cfg.clone()
         };
         let guarded = Models::from_config(&floored).unwrap();
         assert!(
-            guarded.generator.version().ends_with("+floor0.7:1~guard"),
+            guarded
+                .generator
+                .version()
+                .ends_with("+floor0.7:1~guard+agree0.7:0.85"),
             "{}",
             guarded.generator.version()
         );

@@ -24,6 +24,7 @@ pub fn requests(n: usize, dim: usize, res: u32, seed: u64) -> Vec<GenerationRequ
             }),
             reference_embedding: unit(&mut rng),
             preference: Some(unit(&mut rng)),
+            preference_agreement: None,
             seeds: vec![seed.wrapping_add(i as u64)],
             reference_text: None,
             prompt_hints: Vec::new(),

@@ -646,8 +646,11 @@ impl HistoryStage {
 
         let pref_started = Instant::now();
         let weighted = preference::weigh(&reference.embedding, &history, now_ms(), &self.params);
-        let preference =
-            preference::preference_vector(&history, &weighted, self.limits.dim).map(Arc::from);
+        let (preference, preference_agreement) =
+            match preference::preference(&history, &weighted, self.limits.dim) {
+                Some((p, agreement)) => (Some(Arc::from(p)), Some(agreement)),
+                None => (None, None),
+            };
         let pref_s = pref_started.elapsed().as_secs_f64();
         metrics::histogram!(names::STAGE_SECONDS, "stage" => "preference").record(pref_s);
 
@@ -689,6 +692,7 @@ impl HistoryStage {
             reference_image: image,
             reference_embedding: reference.embedding.clone(),
             preference,
+            preference_agreement,
             used,
             history_len: history.len(),
             source: source.as_str(),

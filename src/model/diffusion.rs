@@ -202,6 +202,37 @@ pub fn check_floor_max_share(m: f32) -> Result<(), String> {
     }
 }
 
+/// The agreement ramp: the share of each image's residual grows with the *style agreement* of
+/// the history behind its preference, from 0 at `low` to all of it at `high` (linear between).
+/// A history whose drawings share one look gets its full restyle; one whose looks disagree (a
+/// mixed history, averaged into a condition between vendors that it does not settle) changes the
+/// reference less. The style agreement is the length of the weighted mean of the history's
+/// (unit) style blocks, read off the request ([`style_conditions`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AgreementRamp {
+    pub low: f32,
+    pub high: f32,
+}
+
+impl AgreementRamp {
+    /// `0 ≤ low < high ≤ 1`.
+    pub fn check(&self) -> Result<(), String> {
+        let (l, h) = (self.low, self.high);
+        if l.is_finite() && h.is_finite() && 0.0 <= l && l < h && h <= 1.0 {
+            Ok(())
+        } else {
+            Err(format!(
+                "agreement ramp [{l}, {h}] must have 0 <= low < high <= 1"
+            ))
+        }
+    }
+
+    /// The share of the residual an image whose history has style agreement `r` keeps.
+    pub fn share(&self, r: f32) -> f32 {
+        ((r - self.low) / (self.high - self.low)).clamp(0.0, 1.0)
+    }
+}
+
 impl Default for EncoderScales {
     fn default() -> Self {
         EncoderScales {
@@ -425,6 +456,9 @@ impl StyleNet {
             let eps = ((&x - (&x0 * ab.sqrt())?)? / (1.0 - ab).sqrt())?;
             x = ((x0 * ab_next.sqrt())? + (eps * (1.0 - ab_next).sqrt())?)?;
         }
+        if let Some(strength) = guide.strength {
+            x = x.broadcast_mul(strength)?;
+        }
         if let Some((net, target, scales)) = &encoder {
             if scales.fidelity_floor > 0.0 {
                 let shares = floor_shares(scales.floor_max_share);
@@ -456,6 +490,9 @@ pub struct Guidance<'a> {
     /// encoder's content cosine by changes another encoder need not read as the same emoji, so
     /// a floor judged by the encoder they climbed passes images a separate reader would not.
     pub guard: Option<&'a EmojiNet>,
+    /// Per image, the share of the finished residual it keeps (`[b, 1, 1, 1]`; the agreement
+    /// ramp's), applied before the fidelity floor; `None`: all of it.
+    pub strength: Option<&'a Tensor>,
 }
 
 /// The fidelity floor: each row of the residual `x` (`[b, 3, r, r]`) times the largest of
@@ -593,11 +630,20 @@ pub fn seeded_noise(seed: u64, len: usize) -> Vec<f32> {
 }
 
 /// The style conditions of one request, each L2-normalized (zeros when zero): the preference's
-/// style block (else the reference's), and the reference's own (the negative of guidance).
+/// style block (else the reference's), and the reference's own (the negative of guidance); and
+/// the style agreement of the history behind the preference, in [0, 1].
+///
+/// Item embeddings are unit vectors whose style block has the same length `b` in every item
+/// (the encoder weighs two unit blocks), so the weighted mean `q` of the history's embeddings has
+/// the style block `b · Σ wᵢ sᵢ`, and the request's preference is `q / |q|` with `|q|` its
+/// agreement `A`. The style agreement `|Σ wᵢ sᵢ|` is therefore `A · |p_style| / b`, with `b` read
+/// off the reference's own embedding. It is 1 where that is not known (no agreement on the
+/// request, no preference, a reference without a style block).
 pub fn style_conditions(
     config: &GeneratorConfig,
     request: &GenerationRequest,
-) -> Result<(Vec<f32>, Vec<f32>), ModelError> {
+) -> Result<StyleConditions, ModelError> {
+    let norm = |s: &[f32]| s.iter().map(|x| x * x).sum::<f32>().sqrt();
     let block = |v: &[f32]| -> Result<Vec<f32>, ModelError> {
         if v.len() != config.embedding_dim {
             return Err(ModelError::Unsupported(format!(
@@ -619,7 +665,33 @@ pub fn style_conditions(
         Some(p) => Some(block(p)?).filter(|s| s.iter().any(|x| *x != 0.0)),
         None => None,
     };
-    Ok((style.unwrap_or_else(|| own.clone()), own))
+    let raw = |v: &[f32]| norm(&v[config.style_offset..config.style_offset + config.style_dim]);
+    let agreement = match (&request.preference, request.preference_agreement, &style) {
+        (Some(p), Some(a), Some(_)) => {
+            let b = raw(&request.reference_embedding);
+            match b > 1e-6 {
+                true => (a * raw(p) / b).clamp(0.0, 1.0),
+                false => 1.0,
+            }
+        }
+        _ => 1.0,
+    };
+    Ok(StyleConditions {
+        style: style.unwrap_or_else(|| own.clone()),
+        own,
+        agreement,
+    })
+}
+
+/// What [`style_conditions`] reads off one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StyleConditions {
+    /// The condition: the preference's style block, else the reference's (L2-normalized).
+    pub style: Vec<f32>,
+    /// The reference's own style block (L2-normalized): the negative condition of guidance.
+    pub own: Vec<f32>,
+    /// The style agreement of the history behind the preference, in [0, 1] (1 when unknown).
+    pub agreement: f32,
 }
 
 /// Converts `[b, 3, r, r]` values in [-1, 1] to images.
@@ -656,6 +728,8 @@ pub struct StyleDiffusion {
     encoder_guide: Option<(Arc<EmojiEncoder>, EncoderScales)>,
     /// The fidelity guard (see [`Guidance::guard`]), when the floor has one.
     guard: Option<Arc<EmojiEncoder>>,
+    /// The agreement ramp, when it is on.
+    agreement: Option<AgreementRamp>,
     /// `generator:<dir name>`; `version` adds the sampling settings.
     bundle: String,
     version: String,
@@ -664,13 +738,15 @@ pub struct StyleDiffusion {
 /// `bundle@steps`, then `+g<scale>` with style guidance, `+id<scale>` with identity guidance,
 /// `+st<scale>` with encoder style guidance, `x<iters>` when the encoder's climb repeats and
 /// `+floor<f>:<max>` with a fidelity floor over tenths up to `max`, `~<guard>` when a guard
-/// judges it: the version names what makes the images.
+/// judges it, and `+agree<low>:<high>` with the agreement ramp: the version names what makes the
+/// images.
 fn sampling_version(
     bundle: &str,
     steps: usize,
     guidance: f32,
     encoder: EncoderScales,
     guard: Option<&str>,
+    agreement: Option<AgreementRamp>,
 ) -> String {
     let mut v = format!("{bundle}@{steps}");
     if guidance > 0.0 {
@@ -693,6 +769,9 @@ fn sampling_version(
         if let Some(guard) = guard {
             v.push_str(&format!("~{guard}"));
         }
+    }
+    if let Some(ramp) = agreement {
+        v.push_str(&format!("+agree{}:{}", ramp.low, ramp.high));
     }
     v
 }
@@ -722,7 +801,15 @@ impl StyleDiffusion {
             guidance,
             encoder_guide: None,
             guard: None,
-            version: sampling_version(&bundle, steps, guidance, EncoderScales::default(), None),
+            agreement: None,
+            version: sampling_version(
+                &bundle,
+                steps,
+                guidance,
+                EncoderScales::default(),
+                None,
+                None,
+            ),
             bundle,
         })
     }
@@ -789,6 +876,19 @@ impl StyleDiffusion {
         Ok(self)
     }
 
+    /// Turns the agreement ramp on (`None`: off); see [`AgreementRamp`].
+    pub fn with_agreement_ramp(
+        mut self,
+        ramp: Option<AgreementRamp>,
+    ) -> Result<StyleDiffusion, ModelError> {
+        if let Some(r) = &ramp {
+            r.check().map_err(ModelError::Unsupported)?;
+        }
+        self.agreement = ramp;
+        self.refresh_version();
+        Ok(self)
+    }
+
     fn refresh_version(&mut self) {
         let scales = self
             .encoder_guide
@@ -805,6 +905,7 @@ impl StyleDiffusion {
             self.guidance,
             scales,
             guard.as_deref(),
+            self.agreement,
         );
     }
 
@@ -836,16 +937,32 @@ impl Generator for StyleDiffusion {
         for chunk in rows.chunks(MAX_SAMPLES_PER_PASS) {
             let refs: Vec<&Image> = chunk.iter().map(|(i, _)| &*batch[*i].reference).collect();
             let reference = images_to_tensor(&refs, cfg.resolution, &self.device)?;
-            let block = |pick: fn(&(Vec<f32>, Vec<f32>)) -> &Vec<f32>| {
+            let block = |pick: fn(&StyleConditions) -> &Vec<f32>| {
                 let v: Vec<f32> = chunk
                     .iter()
                     .flat_map(|(i, _)| pick(&styles[*i]).iter().copied())
                     .collect();
                 Tensor::from_vec(v, (chunk.len(), cfg.style_dim), &self.device)
             };
-            let style = block(|s| &s.0)?;
+            let style = block(|s| &s.style)?;
             // The negative condition, only when guidance uses it.
-            let own = (self.guidance > 0.0).then(|| block(|s| &s.1)).transpose()?;
+            let own = (self.guidance > 0.0)
+                .then(|| block(|s| &s.own))
+                .transpose()?;
+            let strength = match &self.agreement {
+                Some(ramp) => {
+                    let shares = chunk
+                        .iter()
+                        .map(|(i, _)| ramp.share(styles[*i].agreement))
+                        .collect();
+                    Some(Tensor::from_vec(
+                        shares,
+                        (chunk.len(), 1, 1, 1),
+                        &self.device,
+                    )?)
+                }
+                None => None,
+            };
             let noise: Vec<f32> = chunk
                 .iter()
                 .flat_map(|(_, seed)| seeded_noise(*seed, 3 * r * r))
@@ -855,6 +972,7 @@ impl Generator for StyleDiffusion {
                 style: own.as_ref().map(|own| (own, self.guidance)),
                 encoder: self.encoder_guide.as_ref().map(|(e, s)| (e.net(), *s)),
                 guard: self.guard.as_ref().map(|g| g.net()),
+                strength: strength.as_ref(),
             };
             let out = self.net.sample_guided(
                 &reference,
@@ -953,6 +1071,7 @@ pub(crate) mod tests {
             reference: Arc::new(reference),
             reference_embedding: Arc::from(emb),
             preference: Some(Arc::from(pref)),
+            preference_agreement: None,
             seeds,
             reference_text: None,
             prompt_hints: Vec::new(),
@@ -1000,22 +1119,152 @@ pub(crate) mod tests {
         let cfg = tiny_config();
         let mut req = request(vec![1], [0.0, 3.0, 0.0, 4.0]);
         assert_eq!(
-            style_conditions(&cfg, &req).unwrap().0,
+            style_conditions(&cfg, &req).unwrap().style,
             vec![0.0, 0.6, 0.0, 0.8]
         );
         req.preference = Some(Arc::from(vec![1.0, 0.0, 0.0, 0.0, 0.0, 0.0]));
         assert_eq!(
-            style_conditions(&cfg, &req).unwrap().0,
+            style_conditions(&cfg, &req).unwrap().style,
             vec![0.0, 1.0, 0.0, 0.0]
         );
         req.preference = None;
         assert_eq!(
-            style_conditions(&cfg, &req).unwrap().0,
+            style_conditions(&cfg, &req).unwrap().style,
             vec![0.0, 1.0, 0.0, 0.0]
         );
         req.preference = Some(Arc::from(vec![1.0; 9]));
         let err = style_conditions(&cfg, &req).unwrap_err().to_string();
         assert!(err.contains("6-value") && err.contains("got 9"), "{err}");
+    }
+
+    #[test]
+    fn style_agreement_is_read_off_the_preference_and_its_agreement() {
+        use crate::history::HistoryEntry;
+        use crate::preference::{preference, Weighted};
+        let cfg = tiny_config();
+        // Unit item embeddings: a content block of 2 and a style block of 4, each unit, weighed
+        // 0.8 / 0.6 (the reference's style block therefore has length 0.6).
+        let item = |content: [f32; 2], style: [f32; 4]| -> Vec<f32> {
+            let mut v: Vec<f32> = content.iter().map(|x| 0.8 * x).collect();
+            v.extend(style.iter().map(|x| 0.6 * x));
+            v
+        };
+        let entry = |i: usize, e: Vec<f32>| HistoryEntry {
+            event_id: format!("e{i}"),
+            user_id: "u".into(),
+            item_id: format!("i{i}"),
+            action: crate::event::Action::Click,
+            ts_ms: 0,
+            embedding: e.into(),
+        };
+        let halves = [0, 1].map(|index| Weighted {
+            index,
+            similarity: 1.0,
+            weight: 0.5,
+        });
+        let agreement = |history: &[HistoryEntry]| {
+            let (p, a) = preference(history, &halves, 6).unwrap();
+            let mut req = request(vec![1], [0.0; 4]);
+            req.reference_embedding = Arc::from(item([1.0, 0.0], [0.0, 1.0, 0.0, 0.0]));
+            req.preference = Some(Arc::from(p));
+            req.preference_agreement = Some(a);
+            style_conditions(&cfg, &req).unwrap().agreement
+        };
+        // Same style, different content: the styles agree fully.
+        let same = [
+            entry(0, item([1.0, 0.0], [1.0, 0.0, 0.0, 0.0])),
+            entry(1, item([0.0, 1.0], [1.0, 0.0, 0.0, 0.0])),
+        ];
+        assert!(
+            (agreement(&same) - 1.0).abs() < 1e-5,
+            "{}",
+            agreement(&same)
+        );
+        // Orthogonal styles, half each: |(s₁ + s₂) / 2| = 1/√2, whatever the content does.
+        let mixed = [
+            entry(0, item([1.0, 0.0], [1.0, 0.0, 0.0, 0.0])),
+            entry(1, item([1.0, 0.0], [0.0, 0.0, 1.0, 0.0])),
+        ];
+        let half = std::f32::consts::FRAC_1_SQRT_2;
+        assert!(
+            (agreement(&mixed) - half).abs() < 1e-5,
+            "{}",
+            agreement(&mixed)
+        );
+        // Without an agreement on the request: taken as settled.
+        let req = request(vec![1], [1.0, 0.0, 0.0, 0.0]);
+        assert_eq!(style_conditions(&cfg, &req).unwrap().agreement, 1.0);
+    }
+
+    #[test]
+    fn the_agreement_ramp_keeps_less_of_a_mixed_history_s_restyle() {
+        let ramp = AgreementRamp {
+            low: 0.6,
+            high: 0.8,
+        };
+        assert_eq!(ramp.share(0.5), 0.0);
+        assert!((ramp.share(0.7) - 0.5).abs() < 1e-6);
+        assert_eq!(ramp.share(0.95), 1.0);
+        for bad in [
+            (0.8, 0.6),
+            (0.5, 0.5),
+            (-0.1, 0.5),
+            (0.2, 1.5),
+            (f32::NAN, 1.0),
+        ] {
+            let r = AgreementRamp {
+                low: bad.0,
+                high: bad.1,
+            };
+            assert!(r.check().is_err(), "{bad:?}");
+        }
+
+        let dir = tempfile::tempdir().unwrap();
+        save_bundle(dir.path(), &tiny_config(), 5);
+        let cancel = CancellationToken::new();
+        let plain = StyleDiffusion::load(dir.path(), None).unwrap();
+        let ramped = StyleDiffusion::load(dir.path(), None)
+            .unwrap()
+            .with_agreement_ramp(Some(ramp))
+            .unwrap();
+        assert!(
+            ramped.version().ends_with("@3+agree0.6:0.8"),
+            "{}",
+            ramped.version()
+        );
+        let image = |g: &StyleDiffusion, req: &GenerationRequest| {
+            g.generate(std::slice::from_ref(req), &cancel).unwrap()[0][0]
+                .image
+                .clone()
+        };
+        // The request's style block has length 0.6 of the unit preference (0.8 content), as
+        // the reference's: its style agreement is the request's agreement.
+        let mut req = request(vec![4], [0.0, 0.0, 0.6, 0.0]);
+        req.reference_embedding = Arc::from(vec![0.8, 0.0, 0.6, 0.0, 0.0, 0.0]);
+        req.preference = Some(Arc::from(vec![0.8, 0.0, 0.0, 0.0, 0.6, 0.0]));
+        let reference =
+            tensor_to_images(&images_to_tensor(&[&*req.reference], 8, &Device::Cpu).unwrap())
+                .unwrap()
+                .remove(0);
+        // Settled: the whole restyle, as without the ramp.
+        req.preference_agreement = Some(0.9);
+        assert_eq!(image(&ramped, &req), image(&plain, &req));
+        // Disagreeing: none of it, the reference comes back.
+        req.preference_agreement = Some(0.5);
+        let back = image(&ramped, &req);
+        assert_ne!(back, image(&plain, &req));
+        assert_eq!(back, reference);
+        // In between: part of it.
+        req.preference_agreement = Some(0.7);
+        let part = image(&ramped, &req);
+        assert!(part != back && part != image(&plain, &req));
+        assert!(StyleDiffusion::load(dir.path(), None)
+            .unwrap()
+            .with_agreement_ramp(Some(AgreementRamp {
+                low: 0.9,
+                high: 0.1
+            }))
+            .is_err());
     }
 
     #[test]
@@ -1264,11 +1513,11 @@ pub(crate) mod tests {
             ..Default::default()
         };
         assert_eq!(
-            sampling_version("b", 2, 0.0, floored, None),
+            sampling_version("b", 2, 0.0, floored, None, None),
             "b@2+floor0.6:1.5"
         );
         assert_eq!(
-            sampling_version("b", 2, 0.0, floored, Some("guard")),
+            sampling_version("b", 2, 0.0, floored, Some("guard"), None),
             "b@2+floor0.6:1.5~guard"
         );
         let c = images(&both);
@@ -1365,6 +1614,7 @@ pub(crate) mod tests {
                 style: None,
                 encoder: Some((encoder.net(), scales)),
                 guard,
+                strength: None,
             };
             net.sample_guided(&reference, &style, guide, noise, 2, None)
                 .unwrap()

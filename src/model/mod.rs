@@ -132,6 +132,9 @@ pub struct GenerationRequest {
     pub reference_embedding: Arc<[f32]>,
     /// The user's preference; `None` when the user has no usable history.
     pub preference: Option<Arc<[f32]>>,
+    /// How far the history items behind `preference` agree, in [0, 1]
+    /// ([`crate::preference::preference`]); `None` where it is not known (taken as settled).
+    pub preference_agreement: Option<f32>,
     /// One seed per candidate.
     pub seeds: Vec<u64>,
     /// The reference item's text, when known (prompt-conditioned generators name it).
@@ -447,6 +450,7 @@ mod tests {
             }),
             reference_embedding: vec![1.0, 0.0].into(),
             preference: pref.map(Into::into),
+            preference_agreement: None,
             seeds,
             reference_text: None,
             prompt_hints: Vec::new(),

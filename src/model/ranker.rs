@@ -254,6 +254,7 @@ mod tests {
             reference: Arc::new(img(9)),
             reference_embedding: vec![9.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0].into(),
             preference: Some(vec![0.5; 8].into()),
+            preference_agreement: None,
             seeds: vec![1, 2],
             reference_text: None,
             prompt_hints: Vec::new(),

@@ -2015,6 +2015,7 @@ mod tests {
             reference: Arc::new(reference()),
             reference_embedding: Arc::from(vec![1.0, 0.0]),
             preference: None,
+            preference_agreement: None,
             seeds,
             reference_text: Some(Arc::from("smileys & emotion, face-smiling: grinning face")),
             prompt_hints: vec![

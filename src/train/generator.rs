@@ -685,6 +685,7 @@ mod tests {
             reference: std::sync::Arc::new(reference),
             reference_embedding: std::sync::Arc::from(vec![0.1; dim]),
             preference: Some(std::sync::Arc::from(twitter_style)),
+            preference_agreement: None,
             seeds: vec![4, 5],
             reference_text: None,
             prompt_hints: Vec::new(),
