@@ -306,6 +306,7 @@ pub async fn run(
         history.clone(),
         cfg.lance.compact_interval,
         cfg.lance.index_interval,
+        maintenance_holder(),
         stop.clone(),
     ));
 
@@ -377,18 +378,36 @@ pub async fn run(
     Ok(())
 }
 
+/// The Redis lease under which one worker at a time runs LanceDB upkeep on the shared tables.
+pub const MAINTENANCE_LEASE: &str = "lance-maintenance";
+/// How long the lease outlives a holder that stops renewing it (one that died mid-pass).
+const MAINTENANCE_LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// This process's name as a lease holder: host, process id and a random tag.
+fn maintenance_holder() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_default();
+    format!(
+        "{host}:{}:{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
+}
+
 /// Background LanceDB upkeep: the rows written since into the indices every `index_every`,
 /// compaction (merging the index segments) every `compact_every`, each first after one to two
-/// periods; a zero period turns that part off.
+/// periods; a zero period turns that part off. Every worker ticks, and a pass runs only on the
+/// worker that holds the Redis lease [`MAINTENANCE_LEASE`] at that moment (see
+/// [`History::leased`]): concurrent index and compaction commits on one table conflict, and
+/// their work would be done twice.
 async fn maintain(
     history: Arc<History>,
     compact_every: std::time::Duration,
     index_every: std::time::Duration,
+    holder: String,
     stop: CancellationToken,
 ) {
-    // Each worker runs these passes on the shared tables; a random phase keeps workers started
-    // together from committing at the same moments (concurrent index commits conflict, and the
-    // loser waits for its next tick).
+    // A random phase keeps workers started together from asking for the lease at the same
+    // moments, so the passes spread over them.
     let ticker = |every: std::time::Duration| {
         (!every.is_zero()).then(|| {
             let first = every + every.mul_f64(rand::random::<f64>());
@@ -414,13 +433,15 @@ async fn maintain(
             _ = stop.cancelled() => return,
             _ = tick(&mut compact) => tokio::select! {
                 _ = stop.cancelled() => return,
-                r = history.maintain() => ("LanceDB maintenance failed", r),
+                r = history.leased(MAINTENANCE_LEASE, &holder, MAINTENANCE_LEASE_TTL, history.maintain()) => ("LanceDB maintenance failed", r),
             },
             _ = tick(&mut index) => tokio::select! {
                 _ = stop.cancelled() => return,
-                r = history.index_new_rows() => ("indexing new LanceDB rows failed", r),
+                r = history.leased(MAINTENANCE_LEASE, &holder, MAINTENANCE_LEASE_TTL, history.index_new_rows()) => ("indexing new LanceDB rows failed", r),
             },
         };
+        // Another worker holds the lease: it runs this pass.
+        let Some(result) = result else { continue };
         if let Err(e) = result {
             tracing::warn!(error = %e, "{what}");
         }

@@ -11,6 +11,8 @@
 //!   harmless.
 //! - `{p}:item:{item}`: hash with the item's embedding, image and text.
 //! - `{p}:out:{request}`: set once a display's output is published, so a replay skips it.
+//! - `{p}:lease:{name}`: a lease (the holder's id, with an expiry) that lets one worker of
+//!   several run a shared task at a time: LanceDB maintenance, whose concurrent commits conflict.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -328,6 +330,69 @@ impl Hot {
     pub async fn output_done(&self, request_id: &str) -> redis::RedisResult<bool> {
         let mut c = self.conn.clone();
         c.exists(self.output_key(request_id)).await
+    }
+
+    fn lease_key(&self, name: &str) -> String {
+        format!("{}:lease:{name}", self.prefix)
+    }
+
+    /// Takes the lease `name` for `holder` for `ttl` when nobody holds it (`SET NX PX`); true when
+    /// `holder` has it now. Holding it already counts as taking it (and renews it).
+    pub async fn take_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> redis::RedisResult<bool> {
+        if self.renew_lease(name, holder, ttl).await? {
+            return Ok(true);
+        }
+        let mut c = self.conn.clone();
+        let set: Option<String> = redis::cmd("SET")
+            .arg(self.lease_key(name))
+            .arg(holder)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64)
+            .query_async(&mut c)
+            .await?;
+        Ok(set.is_some())
+    }
+
+    /// Extends the lease `name` to `ttl` from now if `holder` holds it; false otherwise.
+    pub async fn renew_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> redis::RedisResult<bool> {
+        let script = redis::Script::new(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+               return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end",
+        );
+        let mut c = self.conn.clone();
+        let renewed: i64 = script
+            .key(self.lease_key(name))
+            .arg(holder)
+            .arg(ttl.as_millis().max(1) as u64)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(renewed == 1)
+    }
+
+    /// Gives the lease `name` up if `holder` holds it (another holder's is left alone).
+    pub async fn release_lease(&self, name: &str, holder: &str) -> redis::RedisResult<()> {
+        let script = redis::Script::new(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+               return redis.call('DEL', KEYS[1]) else return 0 end",
+        );
+        let mut c = self.conn.clone();
+        script
+            .key(self.lease_key(name))
+            .arg(holder)
+            .invoke_async::<i64>(&mut c)
+            .await
+            .map(|_| ())
     }
 
     pub async fn mark_output_done(&self, request_id: &str) -> redis::RedisResult<()> {

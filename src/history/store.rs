@@ -334,6 +334,45 @@ impl History {
             .await;
     }
 
+    /// Runs `pass` while holding the Redis lease `name` for `holder` (renewed every third of
+    /// `ttl` while it runs, given up after), so that of several workers sharing the tables one
+    /// at a time runs it; `None`, without running it, when another holder has the lease. Without
+    /// Redis the pass runs anyway: overlapping another worker's pass costs a conflicting commit,
+    /// not data. A lease whose holder dies runs out after `ttl`.
+    pub async fn leased<T>(
+        &self,
+        name: &'static str,
+        holder: &str,
+        ttl: Duration,
+        pass: impl Future<Output = T>,
+    ) -> Option<T> {
+        let taken = self
+            .redis("take_lease", self.hot.take_lease(name, holder, ttl))
+            .await;
+        if taken == Some(false) {
+            return None;
+        }
+        let every = (ttl / 3).max(Duration::from_millis(1));
+        let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        let mut pass = std::pin::pin!(pass);
+        let out = loop {
+            tokio::select! {
+                out = &mut pass => break out,
+                _ = renew.tick() => {
+                    let renewed = self
+                        .redis("renew_lease", self.hot.renew_lease(name, holder, ttl))
+                        .await;
+                    if renewed == Some(false) {
+                        tracing::warn!(lease = name, "the lease ran out during the pass; another worker may run one too");
+                    }
+                }
+            }
+        };
+        self.redis("release_lease", self.hot.release_lease(name, holder))
+            .await;
+        Some(out)
+    }
+
     /// Compacts LanceDB and refreshes the fragment and unindexed-rows gauges.
     pub async fn maintain(&self) -> Result<(), LanceError> {
         let started = Instant::now();

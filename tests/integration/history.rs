@@ -195,6 +195,13 @@ async fn falls_back_while_redis_is_down_and_drops_stale_windows_after() {
         !history.output_done("req").await,
         "unknown while down, not an error"
     );
+    assert_eq!(
+        history
+            .leased("upkeep", "w1", Duration::from_secs(30), async { 7 })
+            .await,
+        Some(7),
+        "a leased pass runs while Redis cannot say who holds the lease"
+    );
 
     // Back, and restored with the old window (as a Redis with persistence would be).
     redis.restart();
@@ -211,4 +218,73 @@ async fn falls_back_while_redis_is_down_and_drops_stale_windows_after() {
         "the stale window was dropped and rebuilt from LanceDB"
     );
     assert_eq!(hot.window("w").await.unwrap().unwrap(), all);
+}
+
+#[tokio::test]
+async fn one_holder_at_a_time_runs_a_leased_pass() {
+    let url = shared_redis_url();
+    let cfg = redis_cfg(&url, "lease", 4);
+    let ttl = Duration::from_secs(30);
+    let (a, b) = (Hot::new(&cfg).unwrap(), Hot::new(&cfg).unwrap());
+    let lease = format!("{}:lease:upkeep", cfg.key_prefix);
+    let mut raw = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+
+    assert!(a.take_lease("upkeep", "a", ttl).await.unwrap());
+    assert!(!b.take_lease("upkeep", "b", ttl).await.unwrap());
+    // The holder takes it again (a renewal); the other can neither renew nor release it.
+    assert!(a.take_lease("upkeep", "a", ttl).await.unwrap());
+    assert!(!b.renew_lease("upkeep", "b", ttl).await.unwrap());
+    b.release_lease("upkeep", "b").await.unwrap();
+    assert!(!b.take_lease("upkeep", "b", ttl).await.unwrap());
+    // It runs out on its own if the holder dies.
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(&lease)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert!(pttl > 0 && pttl <= 30_000, "{pttl}");
+    a.release_lease("upkeep", "a").await.unwrap();
+    assert!(b.take_lease("upkeep", "b", ttl).await.unwrap());
+    b.release_lease("upkeep", "b").await.unwrap();
+
+    // Two workers' passes: while the first runs, the second is skipped; after it, it runs.
+    let dir = tempfile::tempdir().unwrap();
+    let lance = LanceStore::open(dir.path().to_str().unwrap(), DIM)
+        .await
+        .unwrap();
+    let w1 = std::sync::Arc::new(History::new(
+        a,
+        lance.clone(),
+        Duration::from_millis(100),
+        false,
+    ));
+    let w2 = History::new(b, lance, Duration::from_millis(100), false);
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let (finish_tx, finish_rx) = tokio::sync::oneshot::channel::<()>();
+    let first = tokio::spawn({
+        let w1 = w1.clone();
+        async move {
+            w1.leased("upkeep", "w1", ttl, async move {
+                started_tx.send(()).unwrap();
+                finish_rx.await.unwrap();
+                1
+            })
+            .await
+        }
+    });
+    started_rx.await.unwrap();
+    assert_eq!(w2.leased("upkeep", "w2", ttl, async { 2 }).await, None);
+    finish_tx.send(()).unwrap();
+    assert_eq!(first.await.unwrap(), Some(1));
+    let left: bool = redis::cmd("EXISTS")
+        .arg(&lease)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert!(!left, "the lease is given up after the pass");
+    assert_eq!(w2.leased("upkeep", "w2", ttl, async { 2 }).await, Some(2));
 }
