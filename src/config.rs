@@ -407,6 +407,9 @@ impl ModelsConfig {
             (Some(_), None) => Err(invalid(high, "set it too, or unset both")),
             (None, Some(_)) => Err(invalid(low, "set it too, or unset both")),
             (Some(l), Some(h)) => {
+                if !(h.is_finite() && h > 0.0 && h <= 1.0) {
+                    return Err(invalid(high, format!("{h} must be in (0, 1]")));
+                }
                 let ramp = crate::model::diffusion::AgreementRamp { low: l, high: h };
                 ramp.check().map_err(|e| invalid(low, e))?;
                 Ok(Some(ramp))
@@ -1079,6 +1082,13 @@ mod tests {
                 &[]
             ),
             "models.generator_agreement_low"
+        );
+        assert_eq!(
+            err_key(
+                "[models]\ngenerator_agreement_low = 0.6\ngenerator_agreement_high = 1.5\n",
+                &[]
+            ),
+            "models.generator_agreement_high"
         );
         let ramp = load(
             "[models]\ngenerator_agreement_low = 0.6\ngenerator_agreement_high = 0.8\n",

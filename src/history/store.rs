@@ -349,8 +349,11 @@ impl History {
         let taken = self
             .redis("take_lease", self.hot.take_lease(name, holder, ttl))
             .await;
-        if taken == Some(false) {
-            return None;
+        match taken {
+            Some(false) => return None,
+            // Redis cannot say: run it, with no lease to keep.
+            None => return Some(pass.await),
+            Some(true) => {}
         }
         let every = (ttl / 3).max(Duration::from_millis(1));
         let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + every, every);

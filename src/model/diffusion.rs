@@ -207,7 +207,8 @@ pub fn check_floor_max_share(m: f32) -> Result<(), String> {
 /// A history whose drawings share one look gets its full restyle; one whose looks disagree (a
 /// mixed history, averaged into a condition between vendors that it does not settle) changes the
 /// reference less. The style agreement is the length of the weighted mean of the history's
-/// (unit) style blocks, read off the request ([`style_conditions`]).
+/// (unit) style blocks, read off the request ([`style_conditions`]). The ramp scales the residual
+/// before the fidelity floor, which then tries no share above 1 for an image the ramp scaled down.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AgreementRamp {
     pub low: f32,
@@ -456,13 +457,22 @@ impl StyleNet {
             let eps = ((&x - (&x0 * ab.sqrt())?)? / (1.0 - ab).sqrt())?;
             x = ((x0 * ab_next.sqrt())? + (eps * (1.0 - ab_next).sqrt())?)?;
         }
+        // The floor may scale a residual up (shares above 1), but not one the ramp scaled down:
+        // that would hand the image back the restyle its history did not settle.
+        let mut most = None;
         if let Some(strength) = guide.strength {
             x = x.broadcast_mul(strength)?;
+            let kept = strength.flatten_all()?.to_vec1::<f32>()?;
+            most = Some(
+                kept.iter()
+                    .map(|&s| if s < 1.0 { 1.0 } else { f32::INFINITY })
+                    .collect::<Vec<f32>>(),
+            );
         }
         if let Some((net, target, scales)) = &encoder {
             if scales.fidelity_floor > 0.0 {
                 let shares = floor_shares(scales.floor_max_share);
-                let floor = scales.fidelity_floor;
+                let floor = (scales.fidelity_floor, most.as_deref());
                 x = match guide.guard {
                     // The guard judges against its own content of the reference.
                     Some(guard) => {
@@ -497,13 +507,14 @@ pub struct Guidance<'a> {
 
 /// The fidelity floor: each row of the residual `x` (`[b, 3, r, r]`) times the largest of
 /// `shares` (largest first) whose image `reference + share · x` has a content cosine to `target`
-/// of at least `floor`, or 0 (the reference) when none has. One encoder pass over every share.
+/// of at least `floor`, or 0 (the reference) when none has; with `most`, a row takes no share
+/// above its entry. One encoder pass over every share.
 fn floor_fidelity(
     encoder: &EmojiNet,
     reference: &Tensor,
     target: &Tensor,
     x: &Tensor,
-    floor: f32,
+    (floor, most): (f32, Option<&[f32]>),
     shares: &[f32],
 ) -> candle_core::Result<Tensor> {
     let b = x.dim(0)?;
@@ -517,8 +528,9 @@ fn floor_fidelity(
     let cos = (content * targets)?.sum(1)?.to_vec1::<f32>()?;
     let shares: Vec<f32> = (0..b)
         .map(|row| {
+            let most = most.map_or(f32::INFINITY, |m| m[row]);
             (0..n)
-                .find(|&i| cos[i * b + row] >= floor)
+                .find(|&i| shares[i] <= most && cos[i * b + row] >= floor)
                 .map_or(0.0, |i| shares[i])
         })
         .collect();
@@ -1428,7 +1440,8 @@ pub(crate) mod tests {
         let tenths = floor_shares(1.0);
         assert_eq!(tenths.len(), 10);
         assert_eq!((tenths[0], tenths[9]), (1.0, 0.1));
-        let floored = floor_fidelity(net, &reference, &target, &x0, floor, &tenths).unwrap();
+        let floored =
+            floor_fidelity(net, &reference, &target, &x0, (floor, None), &tenths).unwrap();
         let (near, far) = if full[0] > full[1] { (0, 1) } else { (1, 0) };
         let row = |t: &Tensor, i: usize| {
             t.get(i)
@@ -1448,7 +1461,7 @@ pub(crate) mod tests {
         // Above a share of 1, a floor every share holds scales every residual by the largest.
         let wide = floor_shares(2.0);
         assert_eq!((wide.len(), wide[0]), (20, 2.0));
-        let all = floor_fidelity(net, &reference, &target, &x0, -1.0, &wide).unwrap();
+        let all = floor_fidelity(net, &reference, &target, &x0, (-1.0, None), &wide).unwrap();
         assert_eq!(
             all.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             (&x0 * 2.0)
@@ -1458,7 +1471,20 @@ pub(crate) mod tests {
                 .to_vec1::<f32>()
                 .unwrap()
         );
-        let none = floor_fidelity(net, &reference, &target, &x0, 0.999_999, &tenths).unwrap();
+        // A row capped at 1 (one the agreement ramp scaled down) takes no share above it.
+        let capped = floor_fidelity(
+            net,
+            &reference,
+            &target,
+            &x0,
+            (-1.0, Some(&[1.0, f32::INFINITY])),
+            &wide,
+        )
+        .unwrap();
+        assert_eq!(row(&capped, 0), row(&x0, 0));
+        assert_eq!(row(&capped, 1), row(&(&x0 * 2.0).unwrap(), 1));
+        let none =
+            floor_fidelity(net, &reference, &target, &x0, (0.999_999, None), &tenths).unwrap();
         assert!(
             none.abs()
                 .unwrap()
