@@ -201,11 +201,12 @@ pub fn preference(
     let mut p = vec![0.0f32; dim];
     let mut lengths = 0.0f32;
     for w in weighted {
-        let e = &history[w.index].embedding;
-        for (acc, x) in p.iter_mut().zip(e.iter()) {
+        let mut square = 0.0f32;
+        for (acc, x) in p.iter_mut().zip(history[w.index].embedding.iter()) {
             *acc += w.weight * x;
+            square += x * x;
         }
-        lengths += w.weight * e.iter().map(|x| x * x).sum::<f32>().sqrt();
+        lengths += w.weight * square.sqrt();
     }
     let norm = p.iter().map(|x| x * x).sum::<f32>().sqrt();
     if norm == 0.0 || !norm.is_finite() {

@@ -336,27 +336,28 @@ impl Hot {
         format!("{}:lease:{name}", self.prefix)
     }
 
-    /// Takes the lease `name` for `holder` for `ttl` when nobody holds it (`SET NX PX`); true when
-    /// `holder` has it now. Holding it already counts as taking it (and renews it).
+    /// Takes the lease `name` for `holder` for `ttl` when nobody holds it; true when `holder` has
+    /// it now. Holding it already counts as taking it (and renews it). One round trip.
     pub async fn take_lease(
         &self,
         name: &str,
         holder: &str,
         ttl: Duration,
     ) -> redis::RedisResult<bool> {
-        if self.renew_lease(name, holder, ttl).await? {
-            return Ok(true);
-        }
+        let script = redis::Script::new(
+            "local held = redis.call('GET', KEYS[1]) \
+             if held == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end \
+             if held then return 0 end \
+             redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1",
+        );
         let mut c = self.conn.clone();
-        let set: Option<String> = redis::cmd("SET")
-            .arg(self.lease_key(name))
+        let taken: i64 = script
+            .key(self.lease_key(name))
             .arg(holder)
-            .arg("NX")
-            .arg("PX")
             .arg(ttl.as_millis().max(1) as u64)
-            .query_async(&mut c)
+            .invoke_async(&mut c)
             .await?;
-        Ok(set.is_some())
+        Ok(taken == 1)
     }
 
     /// Extends the lease `name` to `ttl` from now if `holder` holds it; false otherwise.

@@ -647,10 +647,9 @@ impl HistoryStage {
         let pref_started = Instant::now();
         let weighted = preference::weigh(&reference.embedding, &history, now_ms(), &self.params);
         let (preference, preference_agreement) =
-            match preference::preference(&history, &weighted, self.limits.dim) {
-                Some((p, agreement)) => (Some(Arc::from(p)), Some(agreement)),
-                None => (None, None),
-            };
+            preference::preference(&history, &weighted, self.limits.dim)
+                .map(|(p, agreement)| (Arc::<[f32]>::from(p), agreement))
+                .unzip();
         let pref_s = pref_started.elapsed().as_secs_f64();
         metrics::histogram!(names::STAGE_SECONDS, "stage" => "preference").record(pref_s);
 

@@ -460,9 +460,9 @@ impl StyleNet {
         // The floor may scale a residual up (shares above 1), but not one the ramp scaled down:
         // that would hand the image back the restyle its history did not settle.
         let mut most = None;
-        if let Some(strength) = guide.strength {
-            x = x.broadcast_mul(strength)?;
-            let kept = strength.flatten_all()?.to_vec1::<f32>()?;
+        if let Some(kept) = guide.strength {
+            let t = Tensor::from_slice(kept, (kept.len(), 1, 1, 1), x.device())?;
+            x = x.broadcast_mul(&t)?;
             most = Some(
                 kept.iter()
                     .map(|&s| if s < 1.0 { 1.0 } else { f32::INFINITY })
@@ -500,9 +500,9 @@ pub struct Guidance<'a> {
     /// encoder's content cosine by changes another encoder need not read as the same emoji, so
     /// a floor judged by the encoder they climbed passes images a separate reader would not.
     pub guard: Option<&'a EmojiNet>,
-    /// Per image, the share of the finished residual it keeps (`[b, 1, 1, 1]`; the agreement
-    /// ramp's), applied before the fidelity floor; `None`: all of it.
-    pub strength: Option<&'a Tensor>,
+    /// Per image, the share of the finished residual it keeps (the agreement ramp's), applied
+    /// before the fidelity floor; `None`: all of it.
+    pub strength: Option<&'a [f32]>,
 }
 
 /// The fidelity floor: each row of the residual `x` (`[b, 3, r, r]`) times the largest of
@@ -655,8 +655,8 @@ pub fn style_conditions(
     config: &GeneratorConfig,
     request: &GenerationRequest,
 ) -> Result<StyleConditions, ModelError> {
-    let norm = |s: &[f32]| s.iter().map(|x| x * x).sum::<f32>().sqrt();
-    let block = |v: &[f32]| -> Result<Vec<f32>, ModelError> {
+    // A style block, L2-normalized, and its length before.
+    let block = |v: &[f32]| -> Result<(Vec<f32>, f32), ModelError> {
         if v.len() != config.embedding_dim {
             return Err(ModelError::Unsupported(format!(
                 "the generator reads {}-value embeddings (its encoder's), got {}",
@@ -666,30 +666,24 @@ pub fn style_conditions(
         }
         let s = &v[config.style_offset..config.style_offset + config.style_dim];
         let norm = s.iter().map(|x| x * x).sum::<f32>().sqrt();
-        Ok(if norm > 1e-6 {
+        let unit = if norm > 1e-6 {
             s.iter().map(|x| x / norm).collect()
         } else {
             vec![0.0; s.len()]
-        })
+        };
+        Ok((unit, norm))
     };
-    let own = block(&request.reference_embedding)?;
+    let (own, b) = block(&request.reference_embedding)?;
     let style = match &request.preference {
-        Some(p) => Some(block(p)?).filter(|s| s.iter().any(|x| *x != 0.0)),
+        Some(p) => Some(block(p)?).filter(|(_, len)| *len > 1e-6),
         None => None,
     };
-    let raw = |v: &[f32]| norm(&v[config.style_offset..config.style_offset + config.style_dim]);
-    let agreement = match (&request.preference, request.preference_agreement, &style) {
-        (Some(p), Some(a), Some(_)) => {
-            let b = raw(&request.reference_embedding);
-            match b > 1e-6 {
-                true => (a * raw(p) / b).clamp(0.0, 1.0),
-                false => 1.0,
-            }
-        }
+    let agreement = match (&style, request.preference_agreement) {
+        (Some((_, len)), Some(a)) if b > 1e-6 => (a * len / b).clamp(0.0, 1.0),
         _ => 1.0,
     };
     Ok(StyleConditions {
-        style: style.unwrap_or_else(|| own.clone()),
+        style: style.map_or_else(|| own.clone(), |(s, _)| s),
         own,
         agreement,
     })
@@ -961,20 +955,12 @@ impl Generator for StyleDiffusion {
             let own = (self.guidance > 0.0)
                 .then(|| block(|s| &s.own))
                 .transpose()?;
-            let strength = match &self.agreement {
-                Some(ramp) => {
-                    let shares = chunk
-                        .iter()
-                        .map(|(i, _)| ramp.share(styles[*i].agreement))
-                        .collect();
-                    Some(Tensor::from_vec(
-                        shares,
-                        (chunk.len(), 1, 1, 1),
-                        &self.device,
-                    )?)
-                }
-                None => None,
-            };
+            let strength: Option<Vec<f32>> = self.agreement.map(|ramp| {
+                chunk
+                    .iter()
+                    .map(|(i, _)| ramp.share(styles[*i].agreement))
+                    .collect()
+            });
             let noise: Vec<f32> = chunk
                 .iter()
                 .flat_map(|(_, seed)| seeded_noise(*seed, 3 * r * r))
@@ -984,7 +970,7 @@ impl Generator for StyleDiffusion {
                 style: own.as_ref().map(|own| (own, self.guidance)),
                 encoder: self.encoder_guide.as_ref().map(|(e, s)| (e.net(), *s)),
                 guard: self.guard.as_ref().map(|g| g.net()),
-                strength: strength.as_ref(),
+                strength: strength.as_deref(),
             };
             let out = self.net.sample_guided(
                 &reference,
