@@ -365,6 +365,9 @@ pub struct ModelsConfig {
     pub generator_fidelity_floor: f32,
     /// The largest share of the residual the fidelity floor tries, in [1, 4].
     pub generator_floor_max_share: f32,
+    /// Draws per candidate of the `diffusion` generator, 1..=16: each candidate keeps the draw
+    /// the `emoji` encoder's style head reads closest to the preference's style (1: one draw).
+    pub generator_draws: usize,
     /// An encoder bundle that judges the fidelity floor in place of the `emoji` encoder, which
     /// the guidance climbs (unset: the `emoji` encoder judges); needs a fidelity floor.
     pub generator_guard_dir: Option<PathBuf>,
@@ -434,6 +437,7 @@ impl Default for ModelsConfig {
             generator_guidance_iters: 1,
             generator_fidelity_floor: 0.0,
             generator_floor_max_share: 1.0,
+            generator_draws: 1,
             generator_guard_dir: None,
             generator_agreement_low: None,
             generator_agreement_high: None,
@@ -793,6 +797,8 @@ impl Config {
             .map_err(|e| invalid("models.generator_fidelity_floor", e))?;
         crate::model::diffusion::check_floor_max_share(m.generator_floor_max_share)
             .map_err(|e| invalid("models.generator_floor_max_share", e))?;
+        crate::model::diffusion::check_draws(m.generator_draws)
+            .map_err(|e| invalid("models.generator_draws", e))?;
         if m.generator_guard_dir.is_some() && m.generator_fidelity_floor == 0.0 {
             return Err(invalid(
                 "models.generator_guard_dir",
@@ -1063,6 +1069,10 @@ mod tests {
         assert_eq!(
             err_key("[models]\ngenerator_floor_max_share = 0.5\n", &[]),
             "models.generator_floor_max_share"
+        );
+        assert_eq!(
+            err_key("[models]\ngenerator_draws = 0\n", &[]),
+            "models.generator_draws"
         );
         assert_eq!(
             err_key("[models]\ngenerator_guard_dir = \"models/guard\"\n", &[]),

@@ -713,9 +713,9 @@ impl Sampling {
     /// These settings with those a scan spec names changed: comma-separated `key=value` with the
     /// keys `g` (style guidance), `id` (identity guidance), `st` (encoder style guidance), `x`
     /// (climbs per step), `floor` (fidelity floor), `share` (the floor's largest share), `guard`
-    /// (1: the fidelity guard judges the floor, 0: the guided encoder) and `agree` (the
-    /// agreement ramp, `LOW:HIGH` or `off`), e.g.
-    /// `g=0.5,id=60,st=40,x=2,floor=0.7,share=1.5,guard=1,agree=0.6:0.8`.
+    /// (1: the fidelity guard judges the floor, 0: the guided encoder), `agree` (the agreement
+    /// ramp, `LOW:HIGH` or `off`) and `draws` (draws per candidate), e.g.
+    /// `g=0.5,id=60,st=40,x=2,floor=0.7,share=1.5,guard=1,agree=0.6:0.8,draws=4`.
     pub fn with(self, spec: &str) -> anyhow::Result<Sampling> {
         let mut s = self;
         for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -749,8 +749,13 @@ impl Sampling {
                         format!("scan spec {spec:?}: x {value:?} is not a count")
                     })?
                 }
+                "draws" => {
+                    s.encoder.draws = value.trim().parse().with_context(|| {
+                        format!("scan spec {spec:?}: draws {value:?} is not a count")
+                    })?
+                }
                 other => anyhow::bail!(
-                    "scan spec {spec:?}: unknown key {other:?} (keys: g, id, st, x, floor, share, guard, agree)"
+                    "scan spec {spec:?}: unknown key {other:?} (keys: g, id, st, x, floor, share, guard, agree, draws)"
                 ),
             }
         }
@@ -1270,7 +1275,8 @@ mod tests {
                 style: 40.0,
                 iters: 2,
                 fidelity_floor: 0.7,
-                floor_max_share: 1.5
+                floor_max_share: 1.5,
+                draws: 1
             }
         );
         assert_eq!(base.with("").unwrap(), base);

@@ -95,6 +95,10 @@ enum Command {
         /// The largest share of the residual the fidelity floor tries (1 to 4, in tenths).
         #[arg(long, default_value_t = 1.0)]
         floor_max_share: f32,
+        /// Draws per candidate (1 to 16): each candidate keeps the draw whose style the item
+        /// encoder reads closest to the preference's.
+        #[arg(long, default_value_t = 1)]
+        draws: usize,
         /// An encoder bundle that judges the fidelity floor in place of the item encoder, which
         /// the guidance climbs (e.g. `models/guard`, trained in a separate run); unset: the item
         /// encoder judges.
@@ -717,6 +721,7 @@ fn main() -> anyhow::Result<()> {
             guidance_iters,
             fidelity_floor,
             floor_max_share,
+            draws,
             fidelity_guard,
             agreement_ramp,
             scans,
@@ -773,6 +778,7 @@ fn main() -> anyhow::Result<()> {
                     iters: guidance_iters,
                     fidelity_floor,
                     floor_max_share,
+                    draws,
                 },
                 guard: fidelity_guard.is_some(),
                 agreement: ragar::eval::parse_agreement_ramp(&agreement_ramp)?,

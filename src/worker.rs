@@ -137,6 +137,7 @@ impl Models {
                     iters: cfg.generator_guidance_iters,
                     fidelity_floor: cfg.generator_fidelity_floor,
                     floor_max_share: cfg.generator_floor_max_share,
+                    draws: cfg.generator_draws,
                 };
                 // Every scale was checked with the config; what remains is whether the encoder
                 // is the generator's own (its resolution), whichever guidance is on.

@@ -182,6 +182,10 @@ pub struct EncoderScales {
     /// The largest share the floor tries, in [1, 4]: above 1, images whose change keeps the
     /// reference well above the floor get more of it.
     pub floor_max_share: f32,
+    /// Draws per candidate, in [1, 16]: each candidate is sampled this many times (from noise
+    /// seeded by its seed and the draw) and keeps the draw whose image the encoder's style head
+    /// reads closest to the condition's style block, after the fidelity floor (1: one draw).
+    pub draws: usize,
 }
 
 /// The shares of the residual the fidelity floor tries, largest first: tenths from `max_share`
@@ -200,6 +204,51 @@ pub fn check_floor_max_share(m: f32) -> Result<(), String> {
             "the fidelity floor's largest share {m} must be in [1, 4]"
         ))
     }
+}
+
+/// Draws per candidate are in [1, 16].
+pub fn check_draws(n: usize) -> Result<(), String> {
+    if (1..=16).contains(&n) {
+        Ok(())
+    } else {
+        Err(format!("draws per candidate {n} must be in [1, 16]"))
+    }
+}
+
+/// The noise seed of draw `j` of the candidate seeded `seed`: draw 0 is the candidate's own seed,
+/// so one draw samples what sampling without draws does.
+pub fn draw_seed(seed: u64, j: usize) -> u64 {
+    seed ^ (j as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// Of `images` (`[b · draws, 3, r, r]`, each candidate's draws together), each candidate's draw
+/// whose style (the encoder's style head, L2-normalized) has the largest cosine to its row of
+/// `style` (`[b, style_dim]`, unit rows); the first on ties. One encoder pass.
+pub fn pick_draws(
+    encoder: &EmojiNet,
+    images: &Tensor,
+    style: &Tensor,
+    draws: usize,
+) -> candle_core::Result<Tensor> {
+    if draws <= 1 {
+        return Ok(images.clone());
+    }
+    let b = style.dim(0)?;
+    let read = l2_normalize(&encoder.forward(images)?.style)?;
+    let cos = read
+        .reshape((b, draws, ()))?
+        .broadcast_mul(&style.unsqueeze(1)?)?
+        .sum(2)?
+        .to_vec2::<f32>()?;
+    let picks: Vec<u32> = cos
+        .iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let best = (0..draws).fold(0, |best, j| if row[j] > row[best] { j } else { best });
+            (i * draws + best) as u32
+        })
+        .collect();
+    images.index_select(&Tensor::new(picks.as_slice(), images.device())?, 0)
 }
 
 /// The agreement ramp: the share of each image's residual grows with the *style agreement* of
@@ -242,6 +291,7 @@ impl Default for EncoderScales {
             iters: 1,
             fidelity_floor: 0.0,
             floor_max_share: 1.0,
+            draws: 1,
         }
     }
 }
@@ -252,12 +302,13 @@ impl EncoderScales {
         check_encoder_style_guidance(self.style)?;
         check_guidance_iters(self.iters)?;
         check_fidelity_floor(self.fidelity_floor)?;
-        check_floor_max_share(self.floor_max_share)
+        check_floor_max_share(self.floor_max_share)?;
+        check_draws(self.draws)
     }
 
     /// Whether the encoder is used at all.
     pub fn active(&self) -> bool {
-        self.climbs() || self.fidelity_floor > 0.0
+        self.climbs() || self.fidelity_floor > 0.0 || self.draws > 1
     }
 
     /// Whether the sampling steps climb the encoder's cosines.
@@ -776,6 +827,9 @@ fn sampling_version(
             v.push_str(&format!("~{guard}"));
         }
     }
+    if encoder.draws > 1 {
+        v.push_str(&format!("+draws{}", encoder.draws));
+    }
     if let Some(ramp) = agreement {
         v.push_str(&format!("+agree{}:{}", ramp.low, ramp.high));
     }
@@ -939,8 +993,16 @@ impl Generator for StyleDiffusion {
             styles.push(style_conditions(cfg, req)?);
             rows.extend(req.seeds.iter().map(|&s| (i, s)));
         }
+        let draws = self.encoder_guide.as_ref().map_or(1, |(_, s)| s.draws);
         let mut images = Vec::with_capacity(rows.len());
-        for chunk in rows.chunks(MAX_SAMPLES_PER_PASS) {
+        // Each chunk's candidates are sampled together, every draw of one in the same pass.
+        for chunk in rows.chunks((MAX_SAMPLES_PER_PASS / draws).max(1)) {
+            // One row per draw, each candidate's draws together.
+            let drawn: Vec<(usize, u64)> = chunk
+                .iter()
+                .flat_map(|&(i, seed)| (0..draws).map(move |j| (i, draw_seed(seed, j))))
+                .collect();
+            let chunk = drawn.as_slice();
             let refs: Vec<&Image> = chunk.iter().map(|(i, _)| &*batch[*i].reference).collect();
             let reference = images_to_tensor(&refs, cfg.resolution, &self.device)?;
             let block = |pick: fn(&StyleConditions) -> &Vec<f32>| {
@@ -972,7 +1034,7 @@ impl Generator for StyleDiffusion {
                 guard: self.guard.as_ref().map(|g| g.net()),
                 strength: strength.as_deref(),
             };
-            let out = self.net.sample_guided(
+            let mut out = self.net.sample_guided(
                 &reference,
                 &style,
                 guide,
@@ -980,6 +1042,11 @@ impl Generator for StyleDiffusion {
                 self.steps,
                 Some(cancel),
             )?;
+            if let Some((encoder, _)) = self.encoder_guide.as_ref().filter(|_| draws > 1) {
+                let wanted = style.reshape((chunk.len() / draws, draws, cfg.style_dim))?;
+                let wanted = wanted.narrow(1, 0, 1)?.squeeze(1)?;
+                out = pick_draws(encoder.net(), &out, &wanted, draws)?;
+            }
             images.extend(tensor_to_images(&out)?);
         }
         Ok(super::per_request(batch, images))
@@ -1331,8 +1398,17 @@ pub(crate) mod tests {
         }
     }
 
-    #[test]
-    fn identity_guidance_holds_the_reference_content() {
+    /// A tiny encoder (8×8, vendors a and b) and a generator bundle on its embeddings, and a
+    /// request for `seeds` whose reference has style [0, 1, 0, 0] and whose preference `style`.
+    fn guided_fixture(
+        seeds: Vec<u64>,
+        style: [f32; 4],
+    ) -> (
+        tempfile::TempDir,
+        tempfile::TempDir,
+        Arc<EmojiEncoder>,
+        GenerationRequest,
+    ) {
         use crate::model::emoji::CONTENT_DIM;
         let (enc_dir, gen_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         crate::data::simulate::testdata::tiny_encoder_for(
@@ -1341,23 +1417,27 @@ pub(crate) mod tests {
             8,
         );
         let encoder = Arc::new(EmojiEncoder::load(enc_dir.path(), None).unwrap());
-        let dim = CONTENT_DIM + 4;
         let gen_cfg = GeneratorConfig {
             channels: 4,
             time_features: 4,
             steps: 2,
-            ..GeneratorConfig::new(8, dim, CONTENT_DIM, 4)
+            ..GeneratorConfig::new(8, CONTENT_DIM + 4, CONTENT_DIM, 4)
         };
         save_bundle(gen_dir.path(), &gen_cfg, 3);
-
-        let mut req = request(vec![1, 2], [1.0, 0.0, 0.0, 0.0]);
+        let mut req = request(seeds, style);
         let embedding = |style: [f32; 4]| -> Arc<[f32]> {
             let mut v = vec![0.05; CONTENT_DIM];
             v.extend(style);
             Arc::from(v)
         };
         req.reference_embedding = embedding([0.0, 1.0, 0.0, 0.0]);
-        req.preference = Some(embedding([1.0, 0.0, 0.0, 0.0]));
+        req.preference = Some(embedding(style));
+        (enc_dir, gen_dir, encoder, req)
+    }
+
+    #[test]
+    fn identity_guidance_holds_the_reference_content() {
+        let (_enc_dir, gen_dir, encoder, req) = guided_fixture(vec![1, 2], [1.0, 0.0, 0.0, 0.0]);
         let cancel = CancellationToken::new();
         let images = |g: &StyleDiffusion| -> Vec<Image> {
             g.generate(std::slice::from_ref(&req), &cancel).unwrap()[0]
@@ -1582,6 +1662,68 @@ pub(crate) mod tests {
             .expect("refused")
             .to_string();
         assert!(err.contains("6-value"), "{err}");
+    }
+
+    #[test]
+    fn draws_keep_the_one_whose_style_reads_closest_to_the_condition() {
+        let condition = [0.0f32, 0.0, 1.0, 0.0];
+        let (_enc_dir, gen_dir, encoder, req) = guided_fixture(vec![5, 6], condition);
+        let cancel = CancellationToken::new();
+        let images = |g: &StyleDiffusion, req: &GenerationRequest| -> Vec<Image> {
+            g.generate(std::slice::from_ref(req), &cancel).unwrap()[0]
+                .iter()
+                .map(|c| c.image.clone())
+                .collect()
+        };
+        let with_draws = |draws: usize| {
+            StyleDiffusion::load(gen_dir.path(), None)
+                .unwrap()
+                .with_encoder_guidance(
+                    encoder.clone(),
+                    EncoderScales {
+                        draws,
+                        ..Default::default()
+                    },
+                )
+        };
+        // One draw samples what plain sampling does; the version names more.
+        let plain = StyleDiffusion::load(gen_dir.path(), None).unwrap();
+        let one = with_draws(1).unwrap();
+        assert_eq!(images(&one, &req), images(&plain, &req));
+        assert_eq!(one.version(), plain.version());
+        let three = with_draws(3).unwrap();
+        assert!(
+            three.version().ends_with("@2+draws3"),
+            "{}",
+            three.version()
+        );
+        let picked = images(&three, &req);
+        assert_eq!(images(&three, &req), picked, "deterministic");
+        // Each candidate's image is the draw (sampled alone from its draw seed) whose style the
+        // encoder reads closest to the condition.
+        let style_cos = |image: &Image| -> f32 {
+            let t = images_to_tensor(&[image], 8, &Device::Cpu).unwrap();
+            let read = l2_normalize(&encoder.net().forward(&t).unwrap().style).unwrap();
+            let v = read.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            v.iter().zip(condition).map(|(a, b)| a * b).sum()
+        };
+        for (k, &seed) in req.seeds.iter().enumerate() {
+            let mut alone = req.clone();
+            alone.seeds = (0..3).map(|j| draw_seed(seed, j)).collect();
+            let drawn = images(&plain, &alone);
+            assert!(drawn[0] != drawn[1] && drawn[1] != drawn[2]);
+            let best = drawn.iter().map(style_cos).fold(f32::MIN, f32::max);
+            let pos = drawn
+                .iter()
+                .position(|d| *d == picked[k])
+                .expect("one of its draws");
+            assert!(style_cos(&drawn[pos]) >= best - 5e-3);
+        }
+        // Out of range: refused, naming it.
+        for bad in [0, 17] {
+            let err = with_draws(bad).err().expect("refused").to_string();
+            assert!(err.contains("draws per candidate"), "{err}");
+        }
     }
 
     #[test]
