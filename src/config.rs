@@ -366,7 +366,8 @@ pub struct ModelsConfig {
     /// The largest share of the residual the fidelity floor tries, in [1, 4].
     pub generator_floor_max_share: f32,
     /// Draws per candidate of the `diffusion` generator, 1..=16: each candidate keeps the draw
-    /// the `emoji` encoder's style head reads closest to the preference's style (1: one draw).
+    /// the `emoji` encoder's style head reads closest to its style condition (the preference's
+    /// style block, else the reference's own; 1: one draw).
     pub generator_draws: usize,
     /// An encoder bundle that judges the fidelity floor in place of the `emoji` encoder, which
     /// the guidance climbs (unset: the `emoji` encoder judges); needs a fidelity floor.

@@ -1256,7 +1256,7 @@ mod tests {
             agreement: None,
         };
         let s = base
-            .with("g=0.5, st=40,x=2,floor=0.7,share=1.5,guard=1,agree=0.6:0.8")
+            .with("g=0.5, st=40,x=2,floor=0.7,share=1.5,guard=1,agree=0.6:0.8,draws=4")
             .unwrap();
         assert!(s.guard);
         assert_eq!(
@@ -1276,7 +1276,7 @@ mod tests {
                 iters: 2,
                 fidelity_floor: 0.7,
                 floor_max_share: 1.5,
-                draws: 1
+                draws: 4
             }
         );
         assert_eq!(base.with("").unwrap(), base);
@@ -1292,6 +1292,8 @@ mod tests {
             ("agree=0.6", "LOW:HIGH"),
             ("agree=0.8:0.6", "low < high"),
             ("agree=a:1", "not a number"),
+            ("draws=0", "draws per candidate"),
+            ("draws=2.5", "not a count"),
         ] {
             let e = base.with(spec).unwrap_err().to_string();
             assert!(e.contains(says) && e.contains(spec), "{spec}: {e}");

@@ -96,7 +96,7 @@ enum Command {
         #[arg(long, default_value_t = 1.0)]
         floor_max_share: f32,
         /// Draws per candidate (1 to 16): each candidate keeps the draw whose style the item
-        /// encoder reads closest to the preference's.
+        /// encoder reads closest to its style condition (the preference's, else the reference's).
         #[arg(long, default_value_t = 1)]
         draws: usize,
         /// An encoder bundle that judges the fidelity floor in place of the item encoder, which

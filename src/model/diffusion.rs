@@ -467,8 +467,12 @@ impl StyleNet {
             )),
             None => None,
         };
-        // With encoder guidance, the reference's normalized content: what every step holds to.
-        let encoder = match guide.encoder.filter(|(_, scales)| scales.active()) {
+        // With encoder guidance, the reference's normalized content: what every step holds to
+        // (draws alone read the finished images only, in the generator).
+        let encoder = match guide
+            .encoder
+            .filter(|(_, s)| s.climbs() || s.fidelity_floor > 0.0)
+        {
             Some((net, scales)) => {
                 let target = l2_normalize(&net.forward(reference)?.content)?.detach();
                 Some((net, target, scales))
@@ -1667,12 +1671,22 @@ pub(crate) mod tests {
     #[test]
     fn draws_keep_the_one_whose_style_reads_closest_to_the_condition() {
         let condition = [0.0f32, 0.0, 1.0, 0.0];
-        let (_enc_dir, gen_dir, encoder, req) = guided_fixture(vec![5, 6], condition);
+        let (_enc_dir, gen_dir, encoder, req) = guided_fixture((0..25).collect(), condition);
+        // A second request with another condition: 28 candidates × 3 draws span two passes.
+        let other = [0.0f32, 0.0, 0.0, 1.0];
+        let mut req2 = req.clone();
+        req2.seeds = vec![100, 101, 102];
+        let mut p = req.preference.as_deref().unwrap().to_vec();
+        let n = p.len();
+        p[n - 4..].copy_from_slice(&other);
+        req2.preference = Some(Arc::from(p));
+        let batch = [req.clone(), req2];
         let cancel = CancellationToken::new();
-        let images = |g: &StyleDiffusion, req: &GenerationRequest| -> Vec<Image> {
-            g.generate(std::slice::from_ref(req), &cancel).unwrap()[0]
-                .iter()
-                .map(|c| c.image.clone())
+        let images = |g: &StyleDiffusion, reqs: &[GenerationRequest]| -> Vec<Vec<Image>> {
+            g.generate(reqs, &cancel)
+                .unwrap()
+                .into_iter()
+                .map(|cands| cands.into_iter().map(|c| c.image).collect())
                 .collect()
         };
         let with_draws = |draws: usize| {
@@ -1689,7 +1703,7 @@ pub(crate) mod tests {
         // One draw samples what plain sampling does; the version names more.
         let plain = StyleDiffusion::load(gen_dir.path(), None).unwrap();
         let one = with_draws(1).unwrap();
-        assert_eq!(images(&one, &req), images(&plain, &req));
+        assert_eq!(images(&one, &batch), images(&plain, &batch));
         assert_eq!(one.version(), plain.version());
         let three = with_draws(3).unwrap();
         assert!(
@@ -1697,28 +1711,36 @@ pub(crate) mod tests {
             "{}",
             three.version()
         );
-        let picked = images(&three, &req);
-        assert_eq!(images(&three, &req), picked, "deterministic");
+        let picked = images(&three, &batch);
+        assert_eq!(images(&three, &batch), picked, "deterministic");
         // Each candidate's image is the draw (sampled alone from its draw seed) whose style the
-        // encoder reads closest to the condition.
-        let style_cos = |image: &Image| -> f32 {
+        // encoder reads closest to its request's condition; not always the first.
+        let style_cos = |image: &Image, condition: [f32; 4]| -> f32 {
             let t = images_to_tensor(&[image], 8, &Device::Cpu).unwrap();
             let read = l2_normalize(&encoder.net().forward(&t).unwrap().style).unwrap();
             let v = read.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             v.iter().zip(condition).map(|(a, b)| a * b).sum()
         };
-        for (k, &seed) in req.seeds.iter().enumerate() {
-            let mut alone = req.clone();
-            alone.seeds = (0..3).map(|j| draw_seed(seed, j)).collect();
-            let drawn = images(&plain, &alone);
-            assert!(drawn[0] != drawn[1] && drawn[1] != drawn[2]);
-            let best = drawn.iter().map(style_cos).fold(f32::MIN, f32::max);
-            let pos = drawn
-                .iter()
-                .position(|d| *d == picked[k])
-                .expect("one of its draws");
-            assert!(style_cos(&drawn[pos]) >= best - 5e-3);
+        let mut later_draws = 0;
+        for ((r, cond), picks) in batch.iter().zip([condition, other]).zip(&picked) {
+            for (k, &seed) in r.seeds.iter().enumerate() {
+                let mut alone = r.clone();
+                alone.seeds = (0..3).map(|j| draw_seed(seed, j)).collect();
+                let drawn = images(&plain, std::slice::from_ref(&alone)).remove(0);
+                assert!(drawn[0] != drawn[1] && drawn[1] != drawn[2]);
+                let best = drawn
+                    .iter()
+                    .map(|d| style_cos(d, cond))
+                    .fold(f32::MIN, f32::max);
+                let pos = drawn
+                    .iter()
+                    .position(|d| *d == picks[k])
+                    .expect("one of its draws");
+                assert!(style_cos(&drawn[pos], cond) >= best - 5e-3);
+                later_draws += (pos > 0) as usize;
+            }
         }
+        assert!(later_draws > 0, "every pick was the first draw");
         // Out of range: refused, naming it.
         for bad in [0, 17] {
             let err = with_draws(bad).err().expect("refused").to_string();
