@@ -336,6 +336,24 @@ impl Hot {
         format!("{}:lease:{name}", self.prefix)
     }
 
+    /// Runs the lease script `lua` on the lease `name` with `holder` as ARGV[1] and, when given,
+    /// `ttl` in milliseconds as ARGV[2]; its integer answer.
+    async fn lease_script(
+        &self,
+        lua: &str,
+        name: &str,
+        holder: &str,
+        ttl: Option<Duration>,
+    ) -> redis::RedisResult<i64> {
+        let script = redis::Script::new(lua);
+        let mut call = script.key(self.lease_key(name));
+        call.arg(holder);
+        if let Some(ttl) = ttl {
+            call.arg(ttl.as_millis().max(1) as u64);
+        }
+        call.invoke_async(&mut self.conn.clone()).await
+    }
+
     /// Takes the lease `name` for `holder` for `ttl` when nobody holds it; true when `holder` has
     /// it now. Holding it already counts as taking it (and renews it). One round trip.
     pub async fn take_lease(
@@ -344,20 +362,11 @@ impl Hot {
         holder: &str,
         ttl: Duration,
     ) -> redis::RedisResult<bool> {
-        let script = redis::Script::new(
-            "local held = redis.call('GET', KEYS[1]) \
+        let lua = "local held = redis.call('GET', KEYS[1]) \
              if held == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end \
              if held then return 0 end \
-             redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1",
-        );
-        let mut c = self.conn.clone();
-        let taken: i64 = script
-            .key(self.lease_key(name))
-            .arg(holder)
-            .arg(ttl.as_millis().max(1) as u64)
-            .invoke_async(&mut c)
-            .await?;
-        Ok(taken == 1)
+             redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1";
+        Ok(self.lease_script(lua, name, holder, Some(ttl)).await? == 1)
     }
 
     /// Extends the lease `name` to `ttl` from now if `holder` holds it; false otherwise.
@@ -367,33 +376,16 @@ impl Hot {
         holder: &str,
         ttl: Duration,
     ) -> redis::RedisResult<bool> {
-        let script = redis::Script::new(
-            "if redis.call('GET', KEYS[1]) == ARGV[1] then \
-               return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end",
-        );
-        let mut c = self.conn.clone();
-        let renewed: i64 = script
-            .key(self.lease_key(name))
-            .arg(holder)
-            .arg(ttl.as_millis().max(1) as u64)
-            .invoke_async(&mut c)
-            .await?;
-        Ok(renewed == 1)
+        let lua = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+               return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end";
+        Ok(self.lease_script(lua, name, holder, Some(ttl)).await? == 1)
     }
 
     /// Gives the lease `name` up if `holder` holds it (another holder's is left alone).
     pub async fn release_lease(&self, name: &str, holder: &str) -> redis::RedisResult<()> {
-        let script = redis::Script::new(
-            "if redis.call('GET', KEYS[1]) == ARGV[1] then \
-               return redis.call('DEL', KEYS[1]) else return 0 end",
-        );
-        let mut c = self.conn.clone();
-        script
-            .key(self.lease_key(name))
-            .arg(holder)
-            .invoke_async::<i64>(&mut c)
-            .await
-            .map(|_| ())
+        let lua = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+               return redis.call('DEL', KEYS[1]) else return 0 end";
+        self.lease_script(lua, name, holder, None).await.map(|_| ())
     }
 
     pub async fn mark_output_done(&self, request_id: &str) -> redis::RedisResult<()> {
