@@ -377,6 +377,10 @@ pub struct ModelsConfig {
     /// `low` (of the history behind its preference) to all of it at `high`.
     pub generator_agreement_low: Option<f32>,
     pub generator_agreement_high: Option<f32>,
+    /// The style snap of the `diffusion` generator, a temperature in [0, 1] (unset: off): each
+    /// preference's style block is sharpened onto the bundle's style codebook, 0 taking its
+    /// nearest entry.
+    pub generator_snap: Option<f32>,
     /// The `sd` generator's model: a Stable Diffusion directory in the diffusers layout
     /// (`unet/`, `vae/`, `text_encoder/`, `tokenizer/tokenizer.json`, `scheduler/`).
     pub sd_dir: PathBuf,
@@ -442,6 +446,7 @@ impl Default for ModelsConfig {
             generator_guard_dir: None,
             generator_agreement_low: None,
             generator_agreement_high: None,
+            generator_snap: None,
             sd_dir: PathBuf::from("models/stable-diffusion"),
             sd_steps: 20,
             sd_strength: 0.6,
@@ -807,6 +812,10 @@ impl Config {
             ));
         }
         m.agreement_ramp()?;
+        if let Some(t) = m.generator_snap {
+            crate::model::diffusion::check_snap_temperature(t)
+                .map_err(|e| invalid("models.generator_snap", e))?;
+        }
         if !(m.sd_strength > 0.0 && m.sd_strength <= 1.0) {
             return Err(invalid(
                 "models.sd_strength",
@@ -1100,6 +1109,10 @@ mod tests {
                 &[]
             ),
             "models.generator_agreement_high"
+        );
+        assert_eq!(
+            err_key("[models]\ngenerator_snap = -0.1\n", &[]),
+            "models.generator_snap"
         );
         let ramp = load(
             "[models]\ngenerator_agreement_low = 0.6\ngenerator_agreement_high = 0.8\n",

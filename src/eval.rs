@@ -683,6 +683,8 @@ pub struct Sampling {
     pub guard: bool,
     /// The agreement ramp (`ragar eval --agreement-ramp LOW:HIGH`), `None`: off.
     pub agreement: Option<crate::model::diffusion::AgreementRamp>,
+    /// The style snap's temperature (`ragar eval --snap T`), `None`: off.
+    pub snap: Option<f32>,
 }
 
 /// `LOW:HIGH` as an agreement ramp (checked), or `off`.
@@ -714,8 +716,9 @@ impl Sampling {
     /// keys `g` (style guidance), `id` (identity guidance), `st` (encoder style guidance), `x`
     /// (climbs per step), `floor` (fidelity floor), `share` (the floor's largest share), `guard`
     /// (1: the fidelity guard judges the floor, 0: the guided encoder), `agree` (the agreement
-    /// ramp, `LOW:HIGH` or `off`) and `draws` (draws per candidate), e.g.
-    /// `g=0.5,id=60,st=40,x=2,floor=0.7,share=1.5,guard=1,agree=0.6:0.8,draws=4`.
+    /// ramp, `LOW:HIGH` or `off`), `draws` (draws per candidate) and `snap` (the style snap's
+    /// temperature, or `off`), e.g.
+    /// `g=0.5,id=60,st=40,x=2,floor=0.7,share=1.5,guard=1,agree=0.6:0.8,draws=4,snap=0`.
     pub fn with(self, spec: &str) -> anyhow::Result<Sampling> {
         let mut s = self;
         for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -754,8 +757,14 @@ impl Sampling {
                         format!("scan spec {spec:?}: draws {value:?} is not a count")
                     })?
                 }
+                "snap" => {
+                    s.snap = match value.trim() {
+                        "off" => None,
+                        _ => Some(number("snap")?),
+                    }
+                }
                 other => anyhow::bail!(
-                    "scan spec {spec:?}: unknown key {other:?} (keys: g, id, st, x, floor, share, guard, agree, draws)"
+                    "scan spec {spec:?}: unknown key {other:?} (keys: g, id, st, x, floor, share, guard, agree, draws, snap)"
                 ),
             }
         }
@@ -766,6 +775,10 @@ impl Sampling {
         s.encoder
             .check()
             .map_err(|e| anyhow::anyhow!("scan spec {spec:?}: {e}"))?;
+        if let Some(t) = s.snap {
+            crate::model::diffusion::check_snap_temperature(t)
+                .map_err(|e| anyhow::anyhow!("scan spec {spec:?}: {e}"))?;
+        }
         Ok(s)
     }
 }
@@ -1254,11 +1267,14 @@ mod tests {
             },
             guard: false,
             agreement: None,
+            snap: None,
         };
         let s = base
-            .with("g=0.5, st=40,x=2,floor=0.7,share=1.5,guard=1,agree=0.6:0.8,draws=4")
+            .with("g=0.5, st=40,x=2,floor=0.7,share=1.5,guard=1,agree=0.6:0.8,draws=4,snap=0.05")
             .unwrap();
         assert!(s.guard);
+        assert_eq!(s.snap, Some(0.05));
+        assert_eq!(s.with("snap=off").unwrap().snap, None);
         assert_eq!(
             s.agreement,
             Some(crate::model::diffusion::AgreementRamp {
@@ -1294,6 +1310,8 @@ mod tests {
             ("agree=a:1", "not a number"),
             ("draws=0", "draws per candidate"),
             ("draws=2.5", "not a count"),
+            ("snap=2", "snap temperature"),
+            ("snap=near", "not a number"),
         ] {
             let e = base.with(spec).unwrap_err().to_string();
             assert!(e.contains(says) && e.contains(spec), "{spec}: {e}");

@@ -109,10 +109,15 @@ enum Command {
         /// preference) to all of it at HIGH; `off`: none.
         #[arg(long, default_value = "off")]
         agreement_ramp: String,
+        /// The generators' style snap: each preference's style block sharpened onto the
+        /// bundle's style codebook at this temperature (0: the nearest entry; unset: off).
+        #[arg(long)]
+        snap: Option<f32>,
         /// More settings of the generator, each as extra uniform and retrieval rows of the same
         /// run, e.g. `--scan g=0.5,id=60,st=40,x=2,floor=0.7` (keys g, id, st, x, floor, share; what a
         /// spec leaves out comes from the flags above; `guard=0|1` turns the fidelity guard off or
-        /// on, `agree=LOW:HIGH|off` sets the agreement ramp); repeat for a scan.
+        /// on, `agree=LOW:HIGH|off` sets the agreement ramp, `draws=N` the draws, `snap=T|off` the style
+        /// snap); repeat for a scan.
         #[arg(long = "scan")]
         scans: Vec<String>,
         /// Candidates per display in the best-of-N rows.
@@ -430,6 +435,10 @@ struct GeneratorArgs {
     /// condition came from).
     #[arg(long, value_enum, default_value_t = RankPreference::Reference)]
     rank_preference: RankPreference,
+    /// Only write the style codebook (each vendor's prototype over the train split, for
+    /// `models.generator_snap`) into OUT's config.json, leaving its weights as they are.
+    #[arg(long)]
+    codebook_only: bool,
     #[arg(long)]
     quiet: bool,
 }
@@ -671,6 +680,12 @@ fn main() -> anyhow::Result<()> {
         } => {
             ragar::telemetry::init_logging(&ragar::config::Config::default().telemetry);
             use ragar::train::generator::{train_generator, FineTune, GeneratorTraining};
+            if a.codebook_only {
+                let n =
+                    ragar::train::generator::write_codebook(&a.data_dir, &a.encoder_dir, &a.out)?;
+                println!("{}: style codebook of {n} entries written", a.out.display());
+                return Ok(());
+            }
             let curves = train_generator(&GeneratorTraining {
                 data_dir: a.data_dir,
                 encoder_dir: a.encoder_dir,
@@ -724,6 +739,7 @@ fn main() -> anyhow::Result<()> {
             draws,
             fidelity_guard,
             agreement_ramp,
+            snap,
             scans,
             best_of,
             generation_split,
@@ -782,6 +798,7 @@ fn main() -> anyhow::Result<()> {
                 },
                 guard: fidelity_guard.is_some(),
                 agreement: ragar::eval::parse_agreement_ramp(&agreement_ramp)?,
+                snap,
             };
             let guard = fidelity_guard
                 .map(|dir| {
@@ -803,7 +820,8 @@ fn main() -> anyhow::Result<()> {
                     };
                     let g = g
                         .with_encoder_guidance(encoder.clone(), s.encoder)?
-                        .with_agreement_ramp(s.agreement)?;
+                        .with_agreement_ramp(s.agreement)?
+                        .with_style_snap(s.snap)?;
                     match (s.guard, &guard) {
                         (false, _) => Ok(g),
                         (true, Some(guard)) => Ok(g.with_fidelity_guard(guard.clone())?),

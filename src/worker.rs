@@ -152,7 +152,9 @@ impl Models {
                 };
                 let generator = generator
                     .with_agreement_ramp(cfg.agreement_ramp()?)
-                    .map_err(|e| invalid("models.generator_agreement_low", e.to_string()))?;
+                    .map_err(|e| invalid("models.generator_agreement_low", e.to_string()))?
+                    .with_style_snap(cfg.generator_snap)
+                    .map_err(|e| invalid("models.generator_snap", e.to_string()))?;
                 Arc::new(generator)
             }
             "sd" => {

@@ -61,6 +61,11 @@ pub struct GeneratorConfig {
     /// [`StyleNet::sample_guided`].
     #[serde(default)]
     pub guidance: f32,
+    /// The style blocks the generator was trained to draw (each vendor's prototype: the
+    /// normalized mean style of its train drawings), which [`StyleSnap`] sharpens a preference
+    /// onto; empty in bundles made before it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub style_codebook: Vec<Vec<f32>>,
     /// How the bundle was made (command and seed), for the record.
     #[serde(default)]
     pub provenance: String,
@@ -92,6 +97,7 @@ impl GeneratorConfig {
             time_features: 16,
             steps: 4,
             guidance: 0.0,
+            style_codebook: Vec::new(),
             provenance: String::new(),
         }
     }
@@ -115,7 +121,103 @@ impl GeneratorConfig {
             return Err("time_features must be even and > 0, steps > 0".into());
         }
         check_guidance(self.guidance)?;
+        check_codebook(&self.style_codebook, self.style_dim)
+    }
+}
+
+/// A style codebook holds finite, non-zero entries of `style_dim` values.
+pub fn check_codebook(entries: &[Vec<f32>], style_dim: usize) -> Result<(), String> {
+    for (i, e) in entries.iter().enumerate() {
+        if e.len() != style_dim {
+            return Err(format!(
+                "style_codebook entry {i} has {} values, the style block {style_dim}",
+                e.len()
+            ));
+        }
+        if e.iter().any(|x| !x.is_finite()) || e.iter().all(|&x| x == 0.0) {
+            return Err(format!(
+                "style_codebook entry {i} must be finite and non-zero"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Sharpening of the style condition onto the generator's codebook (`models.generator_snap`).
+///
+/// A weighted history's style block is a mean of its drawings' looks; where those disagree it
+/// points between the styles the generator was trained on, a condition it never saw and renders
+/// as a faint change. The snap replaces it by the codebook's entries weighted by
+/// `softmax(cos(style, entryᵥ) / temperature)` (renormalized): temperature 0 takes the nearest
+/// entry alone, larger temperatures keep more of the mixture. What the history votes for is kept;
+/// how far its items agree is left to the agreement ramp.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StyleSnap {
+    /// Unit entries.
+    entries: Vec<Vec<f32>>,
+    temperature: f32,
+}
+
+/// A snap temperature is finite and in [0, 1].
+pub fn check_snap_temperature(t: f32) -> Result<(), String> {
+    if t.is_finite() && (0.0..=1.0).contains(&t) {
         Ok(())
+    } else {
+        Err(format!("snap temperature {t} must be in [0, 1]"))
+    }
+}
+
+impl StyleSnap {
+    /// Snaps onto `entries` (normalized here) at `temperature`.
+    pub fn new(entries: &[Vec<f32>], temperature: f32) -> Result<StyleSnap, String> {
+        check_snap_temperature(temperature)?;
+        let dim = entries.first().map_or(0, Vec::len);
+        if entries.is_empty() || dim == 0 {
+            return Err("the style snap needs a non-empty codebook".into());
+        }
+        check_codebook(entries, dim)?;
+        let entries = entries
+            .iter()
+            .map(|e| {
+                let n = e.iter().map(|x| x * x).sum::<f32>().sqrt();
+                e.iter().map(|x| x / n).collect()
+            })
+            .collect();
+        Ok(StyleSnap {
+            entries,
+            temperature,
+        })
+    }
+
+    pub fn temperature(&self) -> f32 {
+        self.temperature
+    }
+
+    /// `style` (a unit style block) sharpened onto the codebook, as a unit vector.
+    pub fn sharpen(&self, style: &[f32]) -> Vec<f32> {
+        let cos: Vec<f32> = self
+            .entries
+            .iter()
+            .map(|e| e.iter().zip(style).map(|(a, b)| a * b).sum())
+            .collect();
+        let best = cos
+            .iter()
+            .enumerate()
+            .fold(0, |best, (i, &c)| if c > cos[best] { i } else { best });
+        if self.temperature == 0.0 {
+            return self.entries[best].clone();
+        }
+        let weights: Vec<f32> = cos
+            .iter()
+            .map(|&c| ((c - cos[best]) / self.temperature).exp())
+            .collect();
+        let mut out = vec![0f32; style.len()];
+        for (e, w) in self.entries.iter().zip(&weights) {
+            out.iter_mut().zip(e).for_each(|(o, x)| *o += w * x);
+        }
+        let n = out.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+        out.iter_mut().for_each(|x| *x /= n);
+        out
     }
 }
 
@@ -706,9 +808,13 @@ pub fn seeded_noise(seed: u64, len: usize) -> Vec<f32> {
 /// agreement `A`. The style agreement `|Σ wᵢ sᵢ|` is therefore `A · |p_style| / b`, with `b` read
 /// off the reference's own embedding. It is 1 where that is not known (no agreement on the
 /// request, no preference, a reference without a style block).
+///
+/// With `snap`, the preference's style block is sharpened onto the codebook ([`StyleSnap`]); the
+/// reference's own style and the agreement are not.
 pub fn style_conditions(
     config: &GeneratorConfig,
     request: &GenerationRequest,
+    snap: Option<&StyleSnap>,
 ) -> Result<StyleConditions, ModelError> {
     // A style block, L2-normalized, and its length before.
     let block = |v: &[f32]| -> Result<(Vec<f32>, f32), ModelError> {
@@ -737,8 +843,12 @@ pub fn style_conditions(
         (Some((_, len)), Some(a)) if b > 1e-6 => (a * len / b).clamp(0.0, 1.0),
         _ => 1.0,
     };
+    let style = style.map(|(s, _)| match snap {
+        Some(snap) => snap.sharpen(&s),
+        None => s,
+    });
     Ok(StyleConditions {
-        style: style.map_or_else(|| own.clone(), |(s, _)| s),
+        style: style.unwrap_or_else(|| own.clone()),
         own,
         agreement,
     })
@@ -791,6 +901,8 @@ pub struct StyleDiffusion {
     guard: Option<Arc<EmojiEncoder>>,
     /// The agreement ramp, when it is on.
     agreement: Option<AgreementRamp>,
+    /// The style snap, when it is on.
+    snap: Option<StyleSnap>,
     /// `generator:<dir name>`; `version` adds the sampling settings.
     bundle: String,
     version: String,
@@ -799,8 +911,8 @@ pub struct StyleDiffusion {
 /// `bundle@steps`, then `+g<scale>` with style guidance, `+id<scale>` with identity guidance,
 /// `+st<scale>` with encoder style guidance, `x<iters>` when the encoder's climb repeats and
 /// `+floor<f>:<max>` with a fidelity floor over tenths up to `max`, `~<guard>` when a guard
-/// judges it, and `+agree<low>:<high>` with the agreement ramp: the version names what makes the
-/// images.
+/// judges it, `+agree<low>:<high>` with the agreement ramp and `+snap<temperature>` with the style
+/// snap: the version names what makes the images.
 fn sampling_version(
     bundle: &str,
     steps: usize,
@@ -808,6 +920,7 @@ fn sampling_version(
     encoder: EncoderScales,
     guard: Option<&str>,
     agreement: Option<AgreementRamp>,
+    snap: Option<f32>,
 ) -> String {
     let mut v = format!("{bundle}@{steps}");
     if guidance > 0.0 {
@@ -836,6 +949,9 @@ fn sampling_version(
     }
     if let Some(ramp) = agreement {
         v.push_str(&format!("+agree{}:{}", ramp.low, ramp.high));
+    }
+    if let Some(t) = snap {
+        v.push_str(&format!("+snap{t}"));
     }
     v
 }
@@ -866,11 +982,13 @@ impl StyleDiffusion {
             encoder_guide: None,
             guard: None,
             agreement: None,
+            snap: None,
             version: sampling_version(
                 &bundle,
                 steps,
                 guidance,
                 EncoderScales::default(),
+                None,
                 None,
                 None,
             ),
@@ -953,6 +1071,29 @@ impl StyleDiffusion {
         Ok(self)
     }
 
+    /// Sharpens each preference's style block onto the bundle's codebook at `temperature`
+    /// (`None`: off); see [`StyleSnap`]. A bundle without a codebook refuses it.
+    pub fn with_style_snap(
+        mut self,
+        temperature: Option<f32>,
+    ) -> Result<StyleDiffusion, ModelError> {
+        self.snap = match temperature {
+            None => None,
+            Some(t) => {
+                let book = &self.net.config.style_codebook;
+                if book.is_empty() {
+                    return Err(ModelError::Unsupported(format!(
+                        "the style snap needs a style codebook, and bundle {} has none (`ragar train generator --codebook-only` adds it)",
+                        self.bundle
+                    )));
+                }
+                Some(StyleSnap::new(book, t).map_err(ModelError::Unsupported)?)
+            }
+        };
+        self.refresh_version();
+        Ok(self)
+    }
+
     fn refresh_version(&mut self) {
         let scales = self
             .encoder_guide
@@ -970,6 +1111,7 @@ impl StyleDiffusion {
             scales,
             guard.as_deref(),
             self.agreement,
+            self.snap.as_ref().map(StyleSnap::temperature),
         );
     }
 
@@ -994,7 +1136,7 @@ impl Generator for StyleDiffusion {
         let mut rows: Vec<(usize, u64)> = Vec::new();
         let mut styles = Vec::with_capacity(batch.len());
         for (i, req) in batch.iter().enumerate() {
-            styles.push(style_conditions(cfg, req)?);
+            styles.push(style_conditions(cfg, req, self.snap.as_ref())?);
             rows.extend(req.seeds.iter().map(|&s| (i, s)));
         }
         let draws = self.encoder_guide.as_ref().map_or(1, |(_, s)| s.draws);
@@ -1188,22 +1330,140 @@ pub(crate) mod tests {
         let cfg = tiny_config();
         let mut req = request(vec![1], [0.0, 3.0, 0.0, 4.0]);
         assert_eq!(
-            style_conditions(&cfg, &req).unwrap().style,
+            style_conditions(&cfg, &req, None).unwrap().style,
             vec![0.0, 0.6, 0.0, 0.8]
         );
         req.preference = Some(Arc::from(vec![1.0, 0.0, 0.0, 0.0, 0.0, 0.0]));
         assert_eq!(
-            style_conditions(&cfg, &req).unwrap().style,
+            style_conditions(&cfg, &req, None).unwrap().style,
             vec![0.0, 1.0, 0.0, 0.0]
         );
         req.preference = None;
         assert_eq!(
-            style_conditions(&cfg, &req).unwrap().style,
+            style_conditions(&cfg, &req, None).unwrap().style,
             vec![0.0, 1.0, 0.0, 0.0]
         );
         req.preference = Some(Arc::from(vec![1.0; 9]));
-        let err = style_conditions(&cfg, &req).unwrap_err().to_string();
+        let err = style_conditions(&cfg, &req, None).unwrap_err().to_string();
         assert!(err.contains("6-value") && err.contains("got 9"), "{err}");
+    }
+
+    #[test]
+    fn the_style_snap_sharpens_the_preference_onto_the_codebook() {
+        let book = vec![vec![2.0, 0.0, 0.0, 0.0], vec![0.0, 0.0, 0.0, 1.0]];
+        let unit = |v: Vec<f32>| {
+            let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            v.into_iter().map(|x| x / n).collect::<Vec<f32>>()
+        };
+        let between = unit(vec![0.8, 0.0, 0.0, 0.6]);
+        // Temperature 0: the nearest entry, normalized.
+        let hard = StyleSnap::new(&book, 0.0).unwrap();
+        assert_eq!(hard.sharpen(&between), vec![1.0, 0.0, 0.0, 0.0]);
+        // A small temperature leans further toward it than the mixture did; 1 keeps it softer.
+        let ratio = |v: &[f32]| v[0] / v[3];
+        let sharp = StyleSnap::new(&book, 0.1).unwrap().sharpen(&between);
+        let soft = StyleSnap::new(&book, 1.0).unwrap().sharpen(&between);
+        assert!(
+            ratio(&sharp) > 7.0 && ratio(&soft) < ratio(&between),
+            "{sharp:?} {soft:?}"
+        );
+        for v in [&sharp, &soft] {
+            assert!((v.iter().map(|x| x * x).sum::<f32>() - 1.0).abs() < 1e-5);
+        }
+        // Bad codebooks and temperatures are named.
+        for (entries, t, says) in [
+            (vec![], 0.0, "non-empty codebook"),
+            (vec![vec![1.0, 0.0], vec![1.0]], 0.0, "entry 1 has 1 values"),
+            (vec![vec![0.0, 0.0]], 0.0, "non-zero"),
+            (vec![vec![1.0, 0.0]], -0.5, "snap temperature"),
+            (vec![vec![1.0, 0.0]], f32::NAN, "snap temperature"),
+        ] {
+            let e = StyleSnap::new(&entries, t).unwrap_err();
+            assert!(e.contains(says), "{e}");
+        }
+        // Only the preference is snapped: the reference's own style and the fallback are not.
+        let cfg = tiny_config();
+        let req = request(vec![1], [0.8, 0.0, 0.0, 0.6]);
+        let snapped = style_conditions(&cfg, &req, Some(&hard)).unwrap();
+        assert_eq!(snapped.style, vec![1.0, 0.0, 0.0, 0.0]);
+        assert_eq!(snapped.own, vec![0.0, 1.0, 0.0, 0.0]);
+        let alone = GenerationRequest {
+            preference: None,
+            ..req
+        };
+        assert_eq!(
+            style_conditions(&cfg, &alone, Some(&hard)).unwrap().style,
+            vec![0.0, 1.0, 0.0, 0.0]
+        );
+    }
+
+    #[test]
+    fn the_style_snap_needs_the_bundle_s_codebook_and_changes_the_images() {
+        let dir = tempfile::tempdir().unwrap();
+        save_bundle(dir.path(), &tiny_config(), 3);
+        let err = StyleDiffusion::load(dir.path(), None)
+            .unwrap()
+            .with_style_snap(Some(0.0))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("style codebook") && err.contains("--codebook-only"),
+            "{err}"
+        );
+        // A bad codebook stops the load with the key named.
+        let bad = GeneratorConfig {
+            style_codebook: vec![vec![1.0, 0.0]],
+            ..tiny_config()
+        };
+        let bad_dir = tempfile::tempdir().unwrap();
+        save_bundle(bad_dir.path(), &tiny_config(), 3);
+        std::fs::write(
+            bad_dir.path().join("config.json"),
+            serde_json::to_vec(&bad).unwrap(),
+        )
+        .unwrap();
+        let err = StyleDiffusion::load(bad_dir.path(), None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("style_codebook entry 0 has 2 values"), "{err}");
+
+        let with_book = GeneratorConfig {
+            style_codebook: vec![vec![1.0, 0.0, 0.0, 0.0], vec![0.0, 0.0, 0.0, 1.0]],
+            ..tiny_config()
+        };
+        save_bundle(dir.path(), &with_book, 3);
+        let plain = StyleDiffusion::load(dir.path(), None).unwrap();
+        let snapped = StyleDiffusion::load(dir.path(), None)
+            .unwrap()
+            .with_style_snap(Some(0.0))
+            .unwrap();
+        assert!(
+            snapped.version().ends_with("+snap0"),
+            "{}",
+            snapped.version()
+        );
+        let cancel = CancellationToken::new();
+        let image = |g: &StyleDiffusion, style: [f32; 4]| {
+            g.generate(&[request(vec![4], style)], &cancel).unwrap()[0][0]
+                .image
+                .clone()
+        };
+        // A preference between the entries is drawn as its nearest one; an entry itself as before.
+        let between = [0.8, 0.0, 0.0, 0.6];
+        assert_eq!(
+            image(&snapped, between),
+            image(&plain, [1.0, 0.0, 0.0, 0.0])
+        );
+        assert_ne!(image(&plain, between), image(&snapped, between));
+        assert_eq!(
+            image(&snapped, [0.0, 0.0, 0.0, 1.0]),
+            image(&plain, [0.0, 0.0, 0.0, 1.0])
+        );
+        // Off again: as the bundle draws without it.
+        let off = snapped.with_style_snap(None).unwrap();
+        assert_eq!(image(&off, between), image(&plain, between));
     }
 
     #[test]
@@ -1237,7 +1497,7 @@ pub(crate) mod tests {
             req.reference_embedding = Arc::from(item([1.0, 0.0], [0.0, 1.0, 0.0, 0.0]));
             req.preference = Some(Arc::from(p));
             req.preference_agreement = Some(a);
-            style_conditions(&cfg, &req).unwrap().agreement
+            style_conditions(&cfg, &req, None).unwrap().agreement
         };
         // Same style, different content: the styles agree fully.
         let same = [
@@ -1262,7 +1522,7 @@ pub(crate) mod tests {
         );
         // Without an agreement on the request: taken as settled.
         let req = request(vec![1], [1.0, 0.0, 0.0, 0.0]);
-        assert_eq!(style_conditions(&cfg, &req).unwrap().agreement, 1.0);
+        assert_eq!(style_conditions(&cfg, &req, None).unwrap().agreement, 1.0);
     }
 
     #[test]
@@ -1609,11 +1869,11 @@ pub(crate) mod tests {
             ..Default::default()
         };
         assert_eq!(
-            sampling_version("b", 2, 0.0, floored, None, None),
+            sampling_version("b", 2, 0.0, floored, None, None, None),
             "b@2+floor0.6:1.5"
         );
         assert_eq!(
-            sampling_version("b", 2, 0.0, floored, Some("guard"), None),
+            sampling_version("b", 2, 0.0, floored, Some("guard"), None, None),
             "b@2+floor0.6:1.5~guard"
         );
         let c = images(&both);

@@ -202,6 +202,53 @@ fn content_of(encoder: &EmojiEncoder, images: &Tensor) -> candle_core::Result<Te
     l2_normalize(&encoder.net().forward(images)?.content)
 }
 
+/// Each vendor's prototype: the normalized mean of its drawings' style blocks (`styles` holds
+/// emoji `e` by vendor `v` at `e * vendors + v`). What the generator's val redraws are
+/// conditioned on, and its bundle's style codebook.
+fn vendor_prototypes(styles: &[Vec<f32>], vendors: usize, style_dim: usize) -> Vec<Vec<f32>> {
+    let n = styles.len() / vendors.max(1);
+    (0..vendors)
+        .map(|v| normalized_sum((0..n).map(|e| &styles[e * vendors + v]), style_dim))
+        .collect()
+}
+
+/// Writes the style codebook (every vendor's prototype over the train split, read by the
+/// encoder in `encoder_dir`) into the generator bundle `bundle`'s `config.json`, leaving its
+/// weights as they are: for bundles trained before the codebook was part of one. Returns the
+/// number of entries.
+pub fn write_codebook(
+    data_dir: &std::path::Path,
+    encoder_dir: &std::path::Path,
+    bundle: &std::path::Path,
+) -> anyhow::Result<usize> {
+    let path = bundle.join("config.json");
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut config: GeneratorConfig =
+        serde_json::from_slice(&bytes).with_context(|| path.display().to_string())?;
+    let manifest = Manifest::load(data_dir)?;
+    let encoder = EmojiEncoder::load(encoder_dir, None)?;
+    let ecfg = encoder.config();
+    if ecfg.dim() != config.embedding_dim || ecfg.resolution != config.resolution {
+        bail!(
+            "the encoder in {} ({} values at {}px) is not the one {} is conditioned on ({} values at {}px)",
+            encoder_dir.display(),
+            ecfg.dim(),
+            ecfg.resolution,
+            bundle.display(),
+            config.embedding_dim,
+            config.resolution
+        );
+    }
+    let entries: Vec<&EmojiEntry> = manifest.split(Split::Train).collect();
+    let images = split_images(&manifest, data_dir, &entries, ecfg.resolution)?;
+    let refs: Vec<&Image> = images.iter().collect();
+    let styles = encoder.styles(&refs)?;
+    config.style_codebook = vendor_prototypes(&styles, manifest.vendors.len(), ecfg.style_dim);
+    std::fs::write(&path, serde_json::to_vec_pretty(&config)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(config.style_codebook.len())
+}
+
 fn normalized_sum<'a>(rows: impl Iterator<Item = &'a Vec<f32>>, dim: usize) -> Vec<f32> {
     let mut sum = vec![0f32; dim];
     for r in rows {
@@ -297,10 +344,7 @@ pub fn train_generator(opts: &GeneratorTraining) -> anyhow::Result<Vec<Generator
         }
         _ => None,
     };
-    // Each vendor's prototype: the normalized mean style of its train drawings.
-    let prototypes: Vec<Vec<f32>> = (0..nv)
-        .map(|v| normalized_sum((0..train.n).map(|e| &train.styles[e * nv + v]), sd))
-        .collect();
+    let prototypes = vendor_prototypes(&train.styles, nv, sd);
 
     let (mut config, rank_terms) = match &opts.finetune {
         None => (
@@ -340,6 +384,8 @@ pub fn train_generator(opts: &GeneratorTraining) -> anyhow::Result<Vec<Generator
     if config.embedding_dim != ecfg.dim() || config.resolution != res {
         bail!("the generator bundle and the encoder disagree on resolution or embedding size");
     }
+    // The styles it is trained to draw, for the style snap.
+    config.style_codebook = prototypes.clone();
     config.provenance = match &opts.finetune {
         None => format!(
             "ragar train generator --channels {} --steps {} --epochs {} --batch {} --lr {} --ema-decay {} --content-weight {} --seed {}{} (encoder {}; data: emojistyle split seed {})",
@@ -696,6 +742,60 @@ mod tests {
         assert_eq!(a[0].len(), 2);
         assert_eq!(a[0][0].image, b[0][0].image);
         assert_eq!((a[0][1].image.width, a[0][1].image.height), (8, 8));
+
+        // The bundle carries each vendor's prototype as its style codebook; `write_codebook`
+        // gives a bundle without one the same entries, weights untouched.
+        let read = |dir: &std::path::Path| -> GeneratorConfig {
+            serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap()
+        };
+        let book = read(&out).style_codebook;
+        assert_eq!(book.len(), m.vendors.len());
+        for e in &book {
+            assert_eq!(e.len(), 4);
+            assert!(
+                (e.iter().map(|x| x * x).sum::<f32>() - 1.0).abs() < 1e-4,
+                "{e:?}"
+            );
+        }
+        assert_ne!(book[0], book[1]);
+        let old = dir.path().join("old-generator");
+        std::fs::create_dir_all(&old).unwrap();
+        std::fs::copy(out.join("model.safetensors"), old.join("model.safetensors")).unwrap();
+        let without = GeneratorConfig {
+            style_codebook: Vec::new(),
+            ..read(&out)
+        };
+        std::fs::write(
+            old.join("config.json"),
+            serde_json::to_vec(&without).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            write_codebook(dir.path(), &opts.encoder_dir, &old).unwrap(),
+            m.vendors.len()
+        );
+        assert_eq!(read(&old), read(&out));
+        let snapped = crate::model::diffusion::StyleDiffusion::load(&old, None)
+            .unwrap()
+            .with_style_snap(Some(0.0))
+            .unwrap();
+        assert_eq!(
+            snapped
+                .generate(std::slice::from_ref(&request), &cancel)
+                .unwrap()[0]
+                .len(),
+            2
+        );
+        // An encoder the bundle was not conditioned on is refused.
+        let other = GeneratorConfig {
+            embedding_dim: 99,
+            ..without
+        };
+        std::fs::write(old.join("config.json"), serde_json::to_vec(&other).unwrap()).unwrap();
+        let err = write_codebook(dir.path(), &opts.encoder_dir, &old)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is not the one"), "{err}");
 
         // Rank-task fine-tuning runs from the bundle and writes its own.
         let ranker_dir = dir.path().join("ranker");
