@@ -430,20 +430,21 @@ async fn maintain(
     let (mut compact, mut index) = (ticker(compact_every), ticker(index_every));
     loop {
         // A pass still running at shutdown is dropped rather than awaited (a compaction of a
-        // minute's rows takes seconds): Lance commits a pass at its end, so a dropped one changes
-        // nothing, and the files it had written are pruned once they are old enough.
+        // minute's rows takes seconds), and the lease given up: Lance commits a pass at its end,
+        // so a dropped one changes nothing, and the files it had written are pruned once they
+        // are old enough.
         let (what, result) = tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tick(&mut compact) => tokio::select! {
-                _ = stop.cancelled() => return,
-                r = history.leased(MAINTENANCE_LEASE, &holder, MAINTENANCE_LEASE_TTL, history.maintain()) => ("LanceDB maintenance failed", r),
-            },
-            _ = tick(&mut index) => tokio::select! {
-                _ = stop.cancelled() => return,
-                r = history.leased(MAINTENANCE_LEASE, &holder, MAINTENANCE_LEASE_TTL, history.index_new_rows()) => ("indexing new LanceDB rows failed", r),
-            },
+            _ = tick(&mut compact) => (
+                "LanceDB maintenance failed",
+                history.leased(MAINTENANCE_LEASE, &holder, MAINTENANCE_LEASE_TTL, &stop, history.maintain()).await,
+            ),
+            _ = tick(&mut index) => (
+                "indexing new LanceDB rows failed",
+                history.leased(MAINTENANCE_LEASE, &holder, MAINTENANCE_LEASE_TTL, &stop, history.index_new_rows()).await,
+            ),
         };
-        // Another worker holds the lease: it runs this pass.
+        // Another worker holds the lease (it runs this pass), or the worker is stopping.
         let Some(result) = result else { continue };
         if let Err(e) = result {
             tracing::warn!(error = %e, "{what}");

@@ -11,6 +11,8 @@ use std::future::Future;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use tokio_util::sync::CancellationToken;
+
 use super::hot::Hot;
 use super::lance::{LanceError, LanceStore};
 use super::{newest_first, HistoryEntry, Item};
@@ -338,21 +340,34 @@ impl History {
     /// `ttl` while it runs, given up after), so that of several workers sharing the tables one
     /// at a time runs it; `None`, without running it, when another holder has the lease. Without
     /// Redis the pass runs anyway: overlapping another worker's pass costs a conflicting commit,
-    /// not data. A lease whose holder dies runs out after `ttl`.
+    /// not data. When `stop` is cancelled first, the pass is dropped (Lance commits a pass at
+    /// its end, so a dropped one changes nothing) and the lease given up at once, so that
+    /// another worker need not wait out `ttl`: `None`. A lease whose holder dies runs out after
+    /// `ttl`.
     pub async fn leased<T>(
         &self,
         name: &'static str,
         holder: &str,
         ttl: Duration,
+        stop: &CancellationToken,
         pass: impl Future<Output = T>,
     ) -> Option<T> {
+        if stop.is_cancelled() {
+            return None;
+        }
         let taken = self
             .redis("take_lease", self.hot.take_lease(name, holder, ttl))
             .await;
         match taken {
             Some(false) => return None,
             // Redis cannot say: run it, with no lease to keep.
-            None => return Some(pass.await),
+            None => {
+                return tokio::select! {
+                    biased;
+                    out = pass => Some(out),
+                    _ = stop.cancelled() => None,
+                }
+            }
             Some(true) => {}
         }
         let every = (ttl / 3).max(Duration::from_millis(1));
@@ -360,7 +375,10 @@ impl History {
         let mut pass = std::pin::pin!(pass);
         let out = loop {
             tokio::select! {
-                out = &mut pass => break out,
+                // A pass that has finished keeps its result, stopping or not.
+                biased;
+                out = &mut pass => break Some(out),
+                _ = stop.cancelled() => break None,
                 _ = renew.tick() => {
                     let renewed = self
                         .redis("renew_lease", self.hot.renew_lease(name, holder, ttl))
@@ -373,7 +391,7 @@ impl History {
         };
         self.redis("release_lease", self.hot.release_lease(name, holder))
             .await;
-        Some(out)
+        out
     }
 
     /// Compacts LanceDB and refreshes the fragment and unindexed-rows gauges.

@@ -9,6 +9,7 @@ use ragar::history::hot::Hot;
 use ragar::history::lance::LanceStore;
 use ragar::history::store::{History, Source};
 use ragar::history::{newest_first, HistoryEntry};
+use tokio_util::sync::CancellationToken;
 
 use crate::common::{shared_redis_url, OwnRedis};
 
@@ -197,7 +198,13 @@ async fn falls_back_while_redis_is_down_and_drops_stale_windows_after() {
     );
     assert_eq!(
         history
-            .leased("upkeep", "w1", Duration::from_secs(30), async { 7 })
+            .leased(
+                "upkeep",
+                "w1",
+                Duration::from_secs(30),
+                &CancellationToken::new(),
+                async { 7 }
+            )
             .await,
         Some(7),
         "a leased pass runs while Redis cannot say who holds the lease"
@@ -268,7 +275,7 @@ async fn one_holder_at_a_time_runs_a_leased_pass() {
     let first = tokio::spawn({
         let w1 = w1.clone();
         async move {
-            w1.leased("upkeep", "w1", ttl, async move {
+            w1.leased("upkeep", "w1", ttl, &CancellationToken::new(), async move {
                 started_tx.send(()).unwrap();
                 finish_rx.await.unwrap();
                 1
@@ -277,7 +284,11 @@ async fn one_holder_at_a_time_runs_a_leased_pass() {
         }
     });
     started_rx.await.unwrap();
-    assert_eq!(w2.leased("upkeep", "w2", ttl, async { 2 }).await, None);
+    let stop = CancellationToken::new();
+    assert_eq!(
+        w2.leased("upkeep", "w2", ttl, &stop, async { 2 }).await,
+        None
+    );
     finish_tx.send(()).unwrap();
     assert_eq!(first.await.unwrap(), Some(1));
     let left: bool = redis::cmd("EXISTS")
@@ -286,5 +297,50 @@ async fn one_holder_at_a_time_runs_a_leased_pass() {
         .await
         .unwrap();
     assert!(!left, "the lease is given up after the pass");
-    assert_eq!(w2.leased("upkeep", "w2", ttl, async { 2 }).await, Some(2));
+    assert_eq!(
+        w2.leased("upkeep", "w2", ttl, &stop, async { 2 }).await,
+        Some(2)
+    );
+
+    // Stopping mid-pass drops the pass and gives the lease up at once: the other worker does
+    // not wait out its 30 s.
+    let w1_stop = CancellationToken::new();
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let stopped = tokio::spawn({
+        let (w1, w1_stop) = (w1.clone(), w1_stop.clone());
+        async move {
+            w1.leased("upkeep", "w1", ttl, &w1_stop, async move {
+                started_tx.send(()).unwrap();
+                std::future::pending::<()>().await;
+                1
+            })
+            .await
+        }
+    });
+    started_rx.await.unwrap();
+    assert_eq!(
+        w2.leased("upkeep", "w2", ttl, &stop, async { 2 }).await,
+        None
+    );
+    w1_stop.cancel();
+    assert_eq!(
+        stopped.await.unwrap(),
+        None,
+        "the stopped pass gives no result"
+    );
+    let left: bool = redis::cmd("EXISTS")
+        .arg(&lease)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert!(!left, "a stopped holder gives the lease up");
+    assert_eq!(
+        w2.leased("upkeep", "w2", ttl, &stop, async { 2 }).await,
+        Some(2)
+    );
+    // Stopped before it starts: nothing runs.
+    assert_eq!(
+        w2.leased("upkeep", "w2", ttl, &w1_stop, async { 2 }).await,
+        None
+    );
 }
