@@ -378,9 +378,13 @@ pub struct ModelsConfig {
     pub generator_agreement_low: Option<f32>,
     pub generator_agreement_high: Option<f32>,
     /// The style snap of the `diffusion` generator, a temperature in [0, 1] (unset: off): each
-    /// preference's style block is sharpened onto the bundle's style codebook, 0 taking its
-    /// nearest entry.
+    /// preference's style block is replaced by the bundle's style codebook weighted by
+    /// `softmax(cos / temperature)`; 0 takes the nearest entry, small temperatures lean toward
+    /// it, large ones flatten toward the codebook's mean.
     pub generator_snap: Option<f32>,
+    /// The own-style gate of the `diffusion` generator: a candidate whose style condition is
+    /// nearest the same codebook entry as its reference's own style is the reference, unchanged.
+    pub generator_keep_own_style: bool,
     /// The `sd` generator's model: a Stable Diffusion directory in the diffusers layout
     /// (`unet/`, `vae/`, `text_encoder/`, `tokenizer/tokenizer.json`, `scheduler/`).
     pub sd_dir: PathBuf,
@@ -447,6 +451,7 @@ impl Default for ModelsConfig {
             generator_agreement_low: None,
             generator_agreement_high: None,
             generator_snap: None,
+            generator_keep_own_style: false,
             sd_dir: PathBuf::from("models/stable-diffusion"),
             sd_steps: 20,
             sd_strength: 0.6,

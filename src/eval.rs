@@ -685,6 +685,8 @@ pub struct Sampling {
     pub agreement: Option<crate::model::diffusion::AgreementRamp>,
     /// The style snap's temperature (`ragar eval --snap T`), `None`: off.
     pub snap: Option<f32>,
+    /// The own-style gate (`ragar eval --keep-own-style`).
+    pub keep_own: bool,
 }
 
 /// `LOW:HIGH` as an agreement ramp (checked), or `off`.
@@ -757,6 +759,13 @@ impl Sampling {
                         format!("scan spec {spec:?}: draws {value:?} is not a count")
                     })?
                 }
+                "keep" => {
+                    s.keep_own = match value.trim() {
+                        "1" => true,
+                        "0" => false,
+                        _ => anyhow::bail!("scan spec {spec:?}: keep {value:?} is not 0 or 1"),
+                    }
+                }
                 "snap" => {
                     s.snap = match value.trim() {
                         "off" => None,
@@ -764,7 +773,7 @@ impl Sampling {
                     }
                 }
                 other => anyhow::bail!(
-                    "scan spec {spec:?}: unknown key {other:?} (keys: g, id, st, x, floor, share, guard, agree, draws, snap)"
+                    "scan spec {spec:?}: unknown key {other:?} (keys: g, id, st, x, floor, share, guard, agree, draws, snap, keep)"
                 ),
             }
         }
@@ -1268,6 +1277,7 @@ mod tests {
             guard: false,
             agreement: None,
             snap: None,
+            keep_own: false,
         };
         let s = base
             .with("g=0.5, st=40,x=2,floor=0.7,share=1.5,guard=1,agree=0.6:0.8,draws=4,snap=0.05")

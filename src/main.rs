@@ -109,10 +109,14 @@ enum Command {
         /// preference) to all of it at HIGH; `off`: none.
         #[arg(long, default_value = "off")]
         agreement_ramp: String,
-        /// The generators' style snap: each preference's style block sharpened onto the
-        /// bundle's style codebook at this temperature (0: the nearest entry; unset: off).
+        /// The generators' style snap: each preference's style block replaced by the bundle's
+        /// style codebook weighted by softmax(cos / T) (0: the nearest entry; unset: off).
         #[arg(long)]
         snap: Option<f32>,
+        /// The generators' own-style gate: a candidate whose style condition is nearest the
+        /// codebook entry of its reference's own style is the reference, unchanged.
+        #[arg(long)]
+        keep_own_style: bool,
         /// More settings of the generator, each as extra uniform and retrieval rows of the same
         /// run, e.g. `--scan g=0.5,id=60,st=40,x=2,floor=0.7` (keys g, id, st, x, floor, share; what a
         /// spec leaves out comes from the flags above; `guard=0|1` turns the fidelity guard off or
@@ -436,7 +440,8 @@ struct GeneratorArgs {
     #[arg(long, value_enum, default_value_t = RankPreference::Reference)]
     rank_preference: RankPreference,
     /// Only write the style codebook (each vendor's prototype over the train split, for
-    /// `models.generator_snap`) into OUT's config.json, leaving its weights as they are.
+    /// `models.generator_snap` and `models.generator_keep_own_style`) into OUT's config.json,
+    /// leaving its weights as they are; the encoder must be the one OUT was trained with.
     #[arg(long)]
     codebook_only: bool,
     #[arg(long)]
@@ -740,6 +745,7 @@ fn main() -> anyhow::Result<()> {
             fidelity_guard,
             agreement_ramp,
             snap,
+            keep_own_style,
             scans,
             best_of,
             generation_split,
@@ -799,6 +805,7 @@ fn main() -> anyhow::Result<()> {
                 guard: fidelity_guard.is_some(),
                 agreement: ragar::eval::parse_agreement_ramp(&agreement_ramp)?,
                 snap,
+                keep_own: keep_own_style,
             };
             let guard = fidelity_guard
                 .map(|dir| {
@@ -821,7 +828,8 @@ fn main() -> anyhow::Result<()> {
                     let g = g
                         .with_encoder_guidance(encoder.clone(), s.encoder)?
                         .with_agreement_ramp(s.agreement)?
-                        .with_style_snap(s.snap)?;
+                        .with_style_snap(s.snap)?
+                        .with_own_style_gate(s.keep_own)?;
                     match (s.guard, &guard) {
                         (false, _) => Ok(g),
                         (true, Some(guard)) => Ok(g.with_fidelity_guard(guard.clone())?),

@@ -154,7 +154,9 @@ impl Models {
                     .with_agreement_ramp(cfg.agreement_ramp()?)
                     .map_err(|e| invalid("models.generator_agreement_low", e.to_string()))?
                     .with_style_snap(cfg.generator_snap)
-                    .map_err(|e| invalid("models.generator_snap", e.to_string()))?;
+                    .map_err(|e| invalid("models.generator_snap", e.to_string()))?
+                    .with_own_style_gate(cfg.generator_keep_own_style)
+                    .map_err(|e| invalid("models.generator_keep_own_style", e.to_string()))?;
                 Arc::new(generator)
             }
             "sd" => {
@@ -430,9 +432,9 @@ async fn maintain(
     let (mut compact, mut index) = (ticker(compact_every), ticker(index_every));
     loop {
         // A pass still running at shutdown is dropped rather than awaited (a compaction of a
-        // minute's rows takes seconds), and the lease given up: Lance commits a pass at its end,
-        // so a dropped one changes nothing, and the files it had written are pruned once they
-        // are old enough.
+        // minute's rows takes seconds), and the lease given up: each of its Lance commits is
+        // atomic, so the tables stay consistent, the next pass finishes the work, and files
+        // written for a commit that never came are pruned once they are old enough.
         let (what, result) = tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick(&mut compact) => (
@@ -570,6 +572,58 @@ mod tests {
             }),
             "models.generator_guard_dir"
         );
+        // The style snap and the own-style gate read the bundle's codebook; a bundle without
+        // one names the key.
+        let snapped = Models::from_config(&ModelsConfig {
+            generator_snap: Some(0.0),
+            generator_keep_own_style: true,
+            ..cfg.clone()
+        })
+        .unwrap();
+        assert!(
+            snapped.generator.version().ends_with("+snap0+keep"),
+            "{}",
+            snapped.generator.version()
+        );
+        let bare = tempfile::tempdir().unwrap();
+        let mut config: crate::model::diffusion::GeneratorConfig = serde_json::from_slice(
+            &std::fs::read(root.join("models/generator/config.json")).unwrap(),
+        )
+        .unwrap();
+        config.style_codebook.clear();
+        std::fs::write(
+            bare.path().join("config.json"),
+            serde_json::to_vec(&config).unwrap(),
+        )
+        .unwrap();
+        std::fs::copy(
+            root.join("models/generator/model.safetensors"),
+            bare.path().join("model.safetensors"),
+        )
+        .unwrap();
+        let without = ModelsConfig {
+            generator_dir: bare.path().into(),
+            ..cfg.clone()
+        };
+        Models::from_config(&without).unwrap();
+        for (on, key) in [
+            (
+                ModelsConfig {
+                    generator_snap: Some(0.1),
+                    ..without.clone()
+                },
+                "models.generator_snap",
+            ),
+            (
+                ModelsConfig {
+                    generator_keep_own_style: true,
+                    ..without.clone()
+                },
+                "models.generator_keep_own_style",
+            ),
+        ] {
+            assert_eq!(key_of(&on), key);
+        }
         // Stable Diffusion from a directory in the diffusers layout.
         let sd = tempfile::tempdir().unwrap();
         let sd_cfg = ModelsConfig {

@@ -340,10 +340,10 @@ impl History {
     /// `ttl` while it runs, given up after), so that of several workers sharing the tables one
     /// at a time runs it; `None`, without running it, when another holder has the lease. Without
     /// Redis the pass runs anyway: overlapping another worker's pass costs a conflicting commit,
-    /// not data. When `stop` is cancelled first, the pass is dropped (Lance commits a pass at
-    /// its end, so a dropped one changes nothing) and the lease given up at once, so that
-    /// another worker need not wait out `ttl`: `None`. A lease whose holder dies runs out after
-    /// `ttl`.
+    /// not data. When `stop` is cancelled first, the pass is dropped (each of its Lance commits
+    /// is atomic, so the tables stay consistent and the next pass finishes the work) and the
+    /// lease given up at once, so that another worker need not wait out `ttl`: `None`. A lease
+    /// whose holder dies runs out after `ttl`.
     pub async fn leased<T>(
         &self,
         name: &'static str,
@@ -367,6 +367,12 @@ impl History {
                     out = pass => Some(out),
                     _ = stop.cancelled() => None,
                 }
+            }
+            // Stopped while it was being taken: give it back, run nothing.
+            Some(true) if stop.is_cancelled() => {
+                self.redis("release_lease", self.hot.release_lease(name, holder))
+                    .await;
+                return None;
             }
             Some(true) => {}
         }

@@ -125,7 +125,21 @@ impl GeneratorConfig {
     }
 }
 
-/// A style codebook holds finite, non-zero entries of `style_dim` values.
+/// Below this length a style block has no direction (a missing block is all zeros).
+const MIN_NORM: f32 = 1e-6;
+
+/// `v` L2-normalized, and its length before; zeros when it is shorter than [`MIN_NORM`].
+fn normalized(v: &[f32]) -> (Vec<f32>, f32) {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let unit = if norm > MIN_NORM {
+        v.iter().map(|x| x / norm).collect()
+    } else {
+        vec![0.0; v.len()]
+    };
+    (unit, norm)
+}
+
+/// A style codebook holds finite entries of `style_dim` values, each with a direction.
 pub fn check_codebook(entries: &[Vec<f32>], style_dim: usize) -> Result<(), String> {
     for (i, e) in entries.iter().enumerate() {
         if e.len() != style_dim {
@@ -134,7 +148,7 @@ pub fn check_codebook(entries: &[Vec<f32>], style_dim: usize) -> Result<(), Stri
                 e.len()
             ));
         }
-        if e.iter().any(|x| !x.is_finite()) || e.iter().all(|&x| x == 0.0) {
+        if e.iter().any(|x| !x.is_finite()) || normalized(e).1 <= MIN_NORM {
             return Err(format!(
                 "style_codebook entry {i} must be finite and non-zero"
             ));
@@ -149,8 +163,9 @@ pub fn check_codebook(entries: &[Vec<f32>], style_dim: usize) -> Result<(), Stri
 /// points between the styles the generator was trained on, a condition it never saw and renders
 /// as a faint change. The snap replaces it by the codebook's entries weighted by
 /// `softmax(cos(style, entryᵥ) / temperature)` (renormalized): temperature 0 takes the nearest
-/// entry alone, larger temperatures keep more of the mixture. What the history votes for is kept;
-/// how far its items agree is left to the agreement ramp.
+/// entry alone, small ones (about 0.1 and below) lean the mixture toward it, and large ones flatten
+/// it toward the codebook's mean. What the history votes for is kept; how far its items agree is
+/// left to the agreement ramp.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StyleSnap {
     /// Unit entries.
@@ -176,13 +191,7 @@ impl StyleSnap {
             return Err("the style snap needs a non-empty codebook".into());
         }
         check_codebook(entries, dim)?;
-        let entries = entries
-            .iter()
-            .map(|e| {
-                let n = e.iter().map(|x| x * x).sum::<f32>().sqrt();
-                e.iter().map(|x| x / n).collect()
-            })
-            .collect();
+        let entries = entries.iter().map(|e| normalized(e).0).collect();
         Ok(StyleSnap {
             entries,
             temperature,
@@ -193,8 +202,9 @@ impl StyleSnap {
         self.temperature
     }
 
-    /// `style` (a unit style block) sharpened onto the codebook, as a unit vector.
-    pub fn sharpen(&self, style: &[f32]) -> Vec<f32> {
+    /// Each entry's cosine to `style` (a unit style block), and the nearest entry (the first on
+    /// ties).
+    fn cosines(&self, style: &[f32]) -> (Vec<f32>, usize) {
         let cos: Vec<f32> = self
             .entries
             .iter()
@@ -204,6 +214,18 @@ impl StyleSnap {
             .iter()
             .enumerate()
             .fold(0, |best, (i, &c)| if c > cos[best] { i } else { best });
+        (cos, best)
+    }
+
+    /// The codebook entry nearest `style` (a unit style block).
+    pub fn nearest(&self, style: &[f32]) -> usize {
+        self.cosines(style).1
+    }
+
+    /// `style` (a unit style block) sharpened onto the codebook, as a unit vector (the nearest
+    /// entry where the weighted entries cancel out).
+    pub fn sharpen(&self, style: &[f32]) -> Vec<f32> {
+        let (cos, best) = self.cosines(style);
         if self.temperature == 0.0 {
             return self.entries[best].clone();
         }
@@ -215,9 +237,11 @@ impl StyleSnap {
         for (e, w) in self.entries.iter().zip(&weights) {
             out.iter_mut().zip(e).for_each(|(o, x)| *o += w * x);
         }
-        let n = out.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-        out.iter_mut().for_each(|x| *x /= n);
-        out
+        // Entries that cancel out (opposite ones, weighed alike) leave the nearest one.
+        match normalized(&out) {
+            (unit, n) if n > MIN_NORM => unit,
+            _ => self.entries[best].clone(),
+        }
     }
 }
 
@@ -825,22 +849,17 @@ pub fn style_conditions(
                 v.len()
             )));
         }
-        let s = &v[config.style_offset..config.style_offset + config.style_dim];
-        let norm = s.iter().map(|x| x * x).sum::<f32>().sqrt();
-        let unit = if norm > 1e-6 {
-            s.iter().map(|x| x / norm).collect()
-        } else {
-            vec![0.0; s.len()]
-        };
-        Ok((unit, norm))
+        Ok(normalized(
+            &v[config.style_offset..config.style_offset + config.style_dim],
+        ))
     };
     let (own, b) = block(&request.reference_embedding)?;
     let style = match &request.preference {
-        Some(p) => Some(block(p)?).filter(|(_, len)| *len > 1e-6),
+        Some(p) => Some(block(p)?).filter(|(_, len)| *len > MIN_NORM),
         None => None,
     };
     let agreement = match (&style, request.preference_agreement) {
-        (Some((_, len)), Some(a)) if b > 1e-6 => (a * len / b).clamp(0.0, 1.0),
+        (Some((_, len)), Some(a)) if b > MIN_NORM => (a * len / b).clamp(0.0, 1.0),
         _ => 1.0,
     };
     let style = style.map(|(s, _)| match snap {
@@ -903,6 +922,9 @@ pub struct StyleDiffusion {
     agreement: Option<AgreementRamp>,
     /// The style snap, when it is on.
     snap: Option<StyleSnap>,
+    /// The own-style gate's codebook, when it is on: an image whose condition and reference
+    /// are nearest the same entry is the reference.
+    keep_own: Option<StyleSnap>,
     /// `generator:<dir name>`; `version` adds the sampling settings.
     bundle: String,
     version: String,
@@ -983,6 +1005,7 @@ impl StyleDiffusion {
             guard: None,
             agreement: None,
             snap: None,
+            keep_own: None,
             version: sampling_version(
                 &bundle,
                 steps,
@@ -1094,6 +1117,27 @@ impl StyleDiffusion {
         Ok(self)
     }
 
+    /// Turns the own-style gate on or off: a candidate whose style condition is nearest the
+    /// same codebook entry as its reference's own style (the preference asks for the look the
+    /// item already has) is the reference, unchanged. A bundle without a codebook refuses it.
+    pub fn with_own_style_gate(mut self, on: bool) -> Result<StyleDiffusion, ModelError> {
+        self.keep_own = match on {
+            false => None,
+            true => {
+                let book = &self.net.config.style_codebook;
+                if book.is_empty() {
+                    return Err(ModelError::Unsupported(format!(
+                        "the own-style gate needs a style codebook, and bundle {} has none (`ragar train generator --codebook-only` adds it)",
+                        self.bundle
+                    )));
+                }
+                Some(StyleSnap::new(book, 0.0).map_err(ModelError::Unsupported)?)
+            }
+        };
+        self.refresh_version();
+        Ok(self)
+    }
+
     fn refresh_version(&mut self) {
         let scales = self
             .encoder_guide
@@ -1113,6 +1157,9 @@ impl StyleDiffusion {
             self.agreement,
             self.snap.as_ref().map(StyleSnap::temperature),
         );
+        if self.keep_own.is_some() {
+            self.version.push_str("+keep");
+        }
     }
 
     pub fn config(&self) -> &GeneratorConfig {
@@ -1163,12 +1210,20 @@ impl Generator for StyleDiffusion {
             let own = (self.guidance > 0.0)
                 .then(|| block(|s| &s.own))
                 .transpose()?;
-            let strength: Option<Vec<f32>> = self.agreement.map(|ramp| {
-                chunk
-                    .iter()
-                    .map(|(i, _)| ramp.share(styles[*i].agreement))
-                    .collect()
-            });
+            let strength: Option<Vec<f32>> = (self.agreement.is_some() || self.keep_own.is_some())
+                .then(|| {
+                    chunk
+                        .iter()
+                        .map(|(i, _)| {
+                            let s = &styles[*i];
+                            let share = self.agreement.map_or(1.0, |ramp| ramp.share(s.agreement));
+                            match &self.keep_own {
+                                Some(book) if book.nearest(&s.style) == book.nearest(&s.own) => 0.0,
+                                _ => share,
+                            }
+                        })
+                        .collect()
+                });
             let noise: Vec<f32> = chunk
                 .iter()
                 .flat_map(|(_, seed)| seeded_noise(*seed, 3 * r * r))
@@ -1370,11 +1425,15 @@ pub(crate) mod tests {
         for v in [&sharp, &soft] {
             assert!((v.iter().map(|x| x * x).sum::<f32>() - 1.0).abs() < 1e-5);
         }
+        // Opposite entries weighed alike cancel out: the nearest one stands.
+        let opposite = StyleSnap::new(&[vec![1.0, 0.0], vec![-1.0, 0.0]], 0.5).unwrap();
+        assert_eq!(opposite.sharpen(&[0.0, 1.0]), vec![1.0, 0.0]);
         // Bad codebooks and temperatures are named.
         for (entries, t, says) in [
             (vec![], 0.0, "non-empty codebook"),
             (vec![vec![1.0, 0.0], vec![1.0]], 0.0, "entry 1 has 1 values"),
             (vec![vec![0.0, 0.0]], 0.0, "non-zero"),
+            (vec![vec![1e-30, 1e-30]], 0.0, "non-zero"),
             (vec![vec![1.0, 0.0]], -0.5, "snap temperature"),
             (vec![vec![1.0, 0.0]], f32::NAN, "snap temperature"),
         ] {
@@ -1464,6 +1523,51 @@ pub(crate) mod tests {
         // Off again: as the bundle draws without it.
         let off = snapped.with_style_snap(None).unwrap();
         assert_eq!(image(&off, between), image(&plain, between));
+    }
+
+    #[test]
+    fn the_own_style_gate_keeps_a_reference_already_in_the_preferred_look() {
+        let dir = tempfile::tempdir().unwrap();
+        save_bundle(dir.path(), &tiny_config(), 3);
+        let err = StyleDiffusion::load(dir.path(), None)
+            .unwrap()
+            .with_own_style_gate(true)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("style codebook"), "{err}");
+        // The reference's own style (see `request`) is the second entry.
+        let with_book = GeneratorConfig {
+            style_codebook: vec![
+                vec![1.0, 0.0, 0.0, 0.0],
+                vec![0.0, 1.0, 0.0, 0.0],
+                vec![0.0, 0.0, 0.0, 1.0],
+            ],
+            ..tiny_config()
+        };
+        save_bundle(dir.path(), &with_book, 3);
+        let plain = StyleDiffusion::load(dir.path(), None).unwrap();
+        let gated = StyleDiffusion::load(dir.path(), None)
+            .unwrap()
+            .with_own_style_gate(true)
+            .unwrap();
+        assert!(gated.version().ends_with("+keep"), "{}", gated.version());
+        let cancel = CancellationToken::new();
+        let images = |g: &StyleDiffusion, style: [f32; 4]| -> Vec<Image> {
+            g.generate(&[request(vec![4, 5], style)], &cancel).unwrap()[0]
+                .iter()
+                .map(|c| c.image.clone())
+                .collect()
+        };
+        // Nearest the reference's own entry: the reference itself, whatever the seed.
+        let own_look = [0.2, 1.0, 0.0, 0.1];
+        let kept = images(&gated, own_look);
+        assert_eq!(kept[0], kept[1]);
+        assert_ne!(images(&plain, own_look)[0], kept[0]);
+        // Nearest another entry: drawn as without the gate.
+        let other_look = [1.0, 0.2, 0.0, 0.0];
+        assert_eq!(images(&gated, other_look), images(&plain, other_look));
+        assert_ne!(images(&gated, other_look)[0], kept[0]);
     }
 
     #[test]

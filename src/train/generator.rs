@@ -212,10 +212,57 @@ fn vendor_prototypes(styles: &[Vec<f32>], vendors: usize, style_dim: usize) -> V
         .collect()
 }
 
+/// Whether `config` reads the embeddings `encoder` (in `dir`) makes: their length, where the
+/// style block lies, and the resolution.
+fn check_encoder_fits(
+    config: &GeneratorConfig,
+    encoder: &crate::model::emoji::EmojiEncoderConfig,
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    if config.embedding_dim != encoder.dim()
+        || config.resolution != encoder.resolution
+        || config.style_offset != CONTENT_DIM
+        || config.style_dim != encoder.style_dim
+    {
+        bail!(
+            "the generator reads {}-value embeddings (style block {}..{}) at {}px, the encoder in {} makes {} values (style block {}..{}) at {}px",
+            config.embedding_dim,
+            config.style_offset,
+            config.style_offset + config.style_dim,
+            config.resolution,
+            dir.display(),
+            encoder.dim(),
+            CONTENT_DIM,
+            CONTENT_DIM + encoder.style_dim,
+            encoder.resolution
+        );
+    }
+    Ok(())
+}
+
+/// The style codebook of a generator conditioned on `encoder`: every vendor's prototype over the
+/// whole train split.
+fn train_codebook(
+    manifest: &Manifest,
+    data_dir: &std::path::Path,
+    encoder: &EmojiEncoder,
+) -> anyhow::Result<Vec<Vec<f32>>> {
+    let entries: Vec<&EmojiEntry> = manifest.split(Split::Train).collect();
+    let ecfg = encoder.config();
+    let images = split_images(manifest, data_dir, &entries, ecfg.resolution)?;
+    let refs: Vec<&Image> = images.iter().collect();
+    let styles = encoder.styles(&refs)?;
+    Ok(vendor_prototypes(
+        &styles,
+        manifest.vendors.len(),
+        ecfg.style_dim,
+    ))
+}
+
 /// Writes the style codebook (every vendor's prototype over the train split, read by the
-/// encoder in `encoder_dir`) into the generator bundle `bundle`'s `config.json`, leaving its
-/// weights as they are: for bundles trained before the codebook was part of one. Returns the
-/// number of entries.
+/// encoder in `encoder_dir`, which must be the one the bundle was trained with: its provenance
+/// names it) into the generator bundle `bundle`'s `config.json`, leaving its weights as they
+/// are: for bundles trained before the codebook was part of one. Returns the number of entries.
 pub fn write_codebook(
     data_dir: &std::path::Path,
     encoder_dir: &std::path::Path,
@@ -227,23 +274,9 @@ pub fn write_codebook(
         serde_json::from_slice(&bytes).with_context(|| path.display().to_string())?;
     let manifest = Manifest::load(data_dir)?;
     let encoder = EmojiEncoder::load(encoder_dir, None)?;
-    let ecfg = encoder.config();
-    if ecfg.dim() != config.embedding_dim || ecfg.resolution != config.resolution {
-        bail!(
-            "the encoder in {} ({} values at {}px) is not the one {} is conditioned on ({} values at {}px)",
-            encoder_dir.display(),
-            ecfg.dim(),
-            ecfg.resolution,
-            bundle.display(),
-            config.embedding_dim,
-            config.resolution
-        );
-    }
-    let entries: Vec<&EmojiEntry> = manifest.split(Split::Train).collect();
-    let images = split_images(&manifest, data_dir, &entries, ecfg.resolution)?;
-    let refs: Vec<&Image> = images.iter().collect();
-    let styles = encoder.styles(&refs)?;
-    config.style_codebook = vendor_prototypes(&styles, manifest.vendors.len(), ecfg.style_dim);
+    check_encoder_fits(&config, encoder.config(), encoder_dir)
+        .with_context(|| bundle.display().to_string())?;
+    config.style_codebook = train_codebook(&manifest, data_dir, &encoder)?;
     std::fs::write(&path, serde_json::to_vec_pretty(&config)?)
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(config.style_codebook.len())
@@ -381,11 +414,16 @@ pub fn train_generator(opts: &GeneratorTraining) -> anyhow::Result<Vec<Generator
             )
         }
     };
-    if config.embedding_dim != ecfg.dim() || config.resolution != res {
-        bail!("the generator bundle and the encoder disagree on resolution or embedding size");
+    check_encoder_fits(&config, &ecfg, &opts.encoder_dir)?;
+    // The styles it is trained to draw (the style snap's and the own-style gate's codebook):
+    // over the whole train split, whatever `--limit` says; a fine-tuned bundle keeps its
+    // source's.
+    if opts.finetune.is_none() || config.style_codebook.is_empty() {
+        config.style_codebook = match opts.limit {
+            None => prototypes.clone(),
+            Some(_) => train_codebook(&manifest, &opts.data_dir, &encoder)?,
+        };
     }
-    // The styles it is trained to draw, for the style snap.
-    config.style_codebook = prototypes.clone();
     config.provenance = match &opts.finetune {
         None => format!(
             "ragar train generator --channels {} --steps {} --epochs {} --batch {} --lr {} --ema-decay {} --content-weight {} --seed {}{} (encoder {}; data: emojistyle split seed {})",
@@ -792,10 +830,11 @@ mod tests {
             ..without
         };
         std::fs::write(old.join("config.json"), serde_json::to_vec(&other).unwrap()).unwrap();
-        let err = write_codebook(dir.path(), &opts.encoder_dir, &old)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("is not the one"), "{err}");
+        let err = format!(
+            "{:#}",
+            write_codebook(dir.path(), &opts.encoder_dir, &old).unwrap_err()
+        );
+        assert!(err.contains("the generator reads 99-value"), "{err}");
 
         // Rank-task fine-tuning runs from the bundle and writes its own.
         let ranker_dir = dir.path().join("ranker");
@@ -844,6 +883,10 @@ mod tests {
                         .contains(&format!("--rank-preference {}", preference.name())),
                 "{}",
                 cfg.provenance
+            );
+            assert_eq!(
+                cfg.style_codebook, book,
+                "a fine-tuned bundle keeps its codebook"
             );
             crate::model::diffusion::StyleDiffusion::load(&tuned, None).unwrap();
         }
