@@ -732,6 +732,19 @@ impl Sampling {
                     format!("scan spec {spec:?}: {what} {value:?} is not a number")
                 })
             };
+            let count = |what: &str| -> anyhow::Result<usize> {
+                value
+                    .trim()
+                    .parse::<usize>()
+                    .with_context(|| format!("scan spec {spec:?}: {what} {value:?} is not a count"))
+            };
+            let flag = |what: &str| -> anyhow::Result<bool> {
+                match value.trim() {
+                    "1" => Ok(true),
+                    "0" => Ok(false),
+                    _ => anyhow::bail!("scan spec {spec:?}: {what} {value:?} is not 0 or 1"),
+                }
+            };
             match key.trim() {
                 "g" => s.guidance = Some(number("g")?),
                 "id" => s.encoder.identity = number("id")?,
@@ -742,30 +755,10 @@ impl Sampling {
                     s.agreement = parse_agreement_ramp(value)
                         .map_err(|e| anyhow::anyhow!("scan spec {spec:?}: {e}"))?
                 }
-                "guard" => {
-                    s.guard = match value.trim() {
-                        "1" => true,
-                        "0" => false,
-                        _ => anyhow::bail!("scan spec {spec:?}: guard {value:?} is not 0 or 1"),
-                    }
-                }
-                "x" => {
-                    s.encoder.iters = value.trim().parse().with_context(|| {
-                        format!("scan spec {spec:?}: x {value:?} is not a count")
-                    })?
-                }
-                "draws" => {
-                    s.encoder.draws = value.trim().parse().with_context(|| {
-                        format!("scan spec {spec:?}: draws {value:?} is not a count")
-                    })?
-                }
-                "keep" => {
-                    s.keep_own = match value.trim() {
-                        "1" => true,
-                        "0" => false,
-                        _ => anyhow::bail!("scan spec {spec:?}: keep {value:?} is not 0 or 1"),
-                    }
-                }
+                "guard" => s.guard = flag("guard")?,
+                "x" => s.encoder.iters = count("x")?,
+                "draws" => s.encoder.draws = count("draws")?,
+                "keep" => s.keep_own = flag("keep")?,
                 "snap" => {
                     s.snap = match value.trim() {
                         "off" => None,

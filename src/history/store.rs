@@ -368,29 +368,28 @@ impl History {
                     _ = stop.cancelled() => None,
                 }
             }
-            // Stopped while it was being taken: give it back, run nothing.
-            Some(true) if stop.is_cancelled() => {
-                self.redis("release_lease", self.hot.release_lease(name, holder))
-                    .await;
-                return None;
-            }
             Some(true) => {}
         }
         let every = (ttl / 3).max(Duration::from_millis(1));
         let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         let mut pass = std::pin::pin!(pass);
-        let out = loop {
-            tokio::select! {
-                // A pass that has finished keeps its result, stopping or not.
-                biased;
-                out = &mut pass => break Some(out),
-                _ = stop.cancelled() => break None,
-                _ = renew.tick() => {
-                    let renewed = self
-                        .redis("renew_lease", self.hot.renew_lease(name, holder, ttl))
-                        .await;
-                    if renewed == Some(false) {
-                        tracing::warn!(lease = name, "the lease ran out during the pass; another worker may run one too");
+        // Stopped while the lease was being taken: nothing runs, and it is given back below.
+        let out = if stop.is_cancelled() {
+            None
+        } else {
+            loop {
+                tokio::select! {
+                    // A pass that has finished keeps its result, stopping or not.
+                    biased;
+                    out = &mut pass => break Some(out),
+                    _ = stop.cancelled() => break None,
+                    _ = renew.tick() => {
+                        let renewed = self
+                            .redis("renew_lease", self.hot.renew_lease(name, holder, ttl))
+                            .await;
+                        if renewed == Some(false) {
+                            tracing::warn!(lease = name, "the lease ran out during the pass; another worker may run one too");
+                        }
                     }
                 }
             }

@@ -139,6 +139,11 @@ fn normalized(v: &[f32]) -> (Vec<f32>, f32) {
     (unit, norm)
 }
 
+/// The index of the largest of `values`, the first on ties (0 when empty).
+fn first_max(values: &[f32]) -> usize {
+    (0..values.len()).fold(0, |best, i| if values[i] > values[best] { i } else { best })
+}
+
 /// A style codebook holds finite entries of `style_dim` values, each with a direction.
 pub fn check_codebook(entries: &[Vec<f32>], style_dim: usize) -> Result<(), String> {
     for (i, e) in entries.iter().enumerate() {
@@ -210,10 +215,7 @@ impl StyleSnap {
             .iter()
             .map(|e| e.iter().zip(style).map(|(a, b)| a * b).sum())
             .collect();
-        let best = cos
-            .iter()
-            .enumerate()
-            .fold(0, |best, (i, &c)| if c > cos[best] { i } else { best });
+        let best = first_max(&cos);
         (cos, best)
     }
 
@@ -369,10 +371,7 @@ pub fn pick_draws(
     let picks: Vec<u32> = cos
         .iter()
         .enumerate()
-        .map(|(i, row)| {
-            let best = (0..draws).fold(0, |best, j| if row[j] > row[best] { j } else { best });
-            (i * draws + best) as u32
-        })
+        .map(|(i, row)| (i * draws + first_max(row)) as u32)
         .collect();
     images.index_select(&Tensor::new(picks.as_slice(), images.device())?, 0)
 }
@@ -1100,19 +1099,9 @@ impl StyleDiffusion {
         mut self,
         temperature: Option<f32>,
     ) -> Result<StyleDiffusion, ModelError> {
-        self.snap = match temperature {
-            None => None,
-            Some(t) => {
-                let book = &self.net.config.style_codebook;
-                if book.is_empty() {
-                    return Err(ModelError::Unsupported(format!(
-                        "the style snap needs a style codebook, and bundle {} has none (`ragar train generator --codebook-only` adds it)",
-                        self.bundle
-                    )));
-                }
-                Some(StyleSnap::new(book, t).map_err(ModelError::Unsupported)?)
-            }
-        };
+        self.snap = temperature
+            .map(|t| self.codebook("the style snap", t))
+            .transpose()?;
         self.refresh_version();
         Ok(self)
     }
@@ -1121,21 +1110,23 @@ impl StyleDiffusion {
     /// same codebook entry as its reference's own style (the preference asks for the look the
     /// item already has) is the reference, unchanged. A bundle without a codebook refuses it.
     pub fn with_own_style_gate(mut self, on: bool) -> Result<StyleDiffusion, ModelError> {
-        self.keep_own = match on {
-            false => None,
-            true => {
-                let book = &self.net.config.style_codebook;
-                if book.is_empty() {
-                    return Err(ModelError::Unsupported(format!(
-                        "the own-style gate needs a style codebook, and bundle {} has none (`ragar train generator --codebook-only` adds it)",
-                        self.bundle
-                    )));
-                }
-                Some(StyleSnap::new(book, 0.0).map_err(ModelError::Unsupported)?)
-            }
-        };
+        self.keep_own = on
+            .then(|| self.codebook("the own-style gate", 0.0))
+            .transpose()?;
         self.refresh_version();
         Ok(self)
+    }
+
+    /// The bundle's codebook at `temperature`, for `what` needs it; refused without one.
+    fn codebook(&self, what: &str, temperature: f32) -> Result<StyleSnap, ModelError> {
+        let book = &self.net.config.style_codebook;
+        if book.is_empty() {
+            return Err(ModelError::Unsupported(format!(
+                "{what} needs a style codebook, and bundle {} has none (`ragar train generator --codebook-only` adds it)",
+                self.bundle
+            )));
+        }
+        StyleSnap::new(book, temperature).map_err(ModelError::Unsupported)
     }
 
     fn refresh_version(&mut self) {
@@ -1186,6 +1177,18 @@ impl Generator for StyleDiffusion {
             styles.push(style_conditions(cfg, req, self.snap.as_ref())?);
             rows.extend(req.seeds.iter().map(|&s| (i, s)));
         }
+        // Per request, the share of its restyle each image keeps: the ramp's, and none where the
+        // own-style gate keeps the reference.
+        let shares: Option<Vec<f32>> =
+            (self.agreement.is_some() || self.keep_own.is_some()).then(|| {
+                styles
+                    .iter()
+                    .map(|s| match &self.keep_own {
+                        Some(book) if book.nearest(&s.style) == book.nearest(&s.own) => 0.0,
+                        _ => self.agreement.map_or(1.0, |ramp| ramp.share(s.agreement)),
+                    })
+                    .collect()
+            });
         let draws = self.encoder_guide.as_ref().map_or(1, |(_, s)| s.draws);
         let mut images = Vec::with_capacity(rows.len());
         // Each chunk's candidates are sampled together, every draw of one in the same pass.
@@ -1210,20 +1213,9 @@ impl Generator for StyleDiffusion {
             let own = (self.guidance > 0.0)
                 .then(|| block(|s| &s.own))
                 .transpose()?;
-            let strength: Option<Vec<f32>> = (self.agreement.is_some() || self.keep_own.is_some())
-                .then(|| {
-                    chunk
-                        .iter()
-                        .map(|(i, _)| {
-                            let s = &styles[*i];
-                            let share = self.agreement.map_or(1.0, |ramp| ramp.share(s.agreement));
-                            match &self.keep_own {
-                                Some(book) if book.nearest(&s.style) == book.nearest(&s.own) => 0.0,
-                                _ => share,
-                            }
-                        })
-                        .collect()
-                });
+            let strength: Option<Vec<f32>> = shares
+                .as_ref()
+                .map(|shares| chunk.iter().map(|(i, _)| shares[*i]).collect());
             let noise: Vec<f32> = chunk
                 .iter()
                 .flat_map(|(_, seed)| seeded_noise(*seed, 3 * r * r))
@@ -1406,11 +1398,7 @@ pub(crate) mod tests {
     #[test]
     fn the_style_snap_sharpens_the_preference_onto_the_codebook() {
         let book = vec![vec![2.0, 0.0, 0.0, 0.0], vec![0.0, 0.0, 0.0, 1.0]];
-        let unit = |v: Vec<f32>| {
-            let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-            v.into_iter().map(|x| x / n).collect::<Vec<f32>>()
-        };
-        let between = unit(vec![0.8, 0.0, 0.0, 0.6]);
+        let between = normalized(&[0.8, 0.0, 0.0, 0.6]).0;
         // Temperature 0: the nearest entry, normalized.
         let hard = StyleSnap::new(&book, 0.0).unwrap();
         assert_eq!(hard.sharpen(&between), vec![1.0, 0.0, 0.0, 0.0]);
